@@ -1,0 +1,1 @@
+"""Dequant-matmul kernels, installed as ``llmq.kernels`` (never a top-level import)."""

@@ -1,0 +1,54 @@
+"""Running one decoder block at a time outside its model: a meta-device skeleton of the model gives
+each block's class and layout; a real rotary embedding gives the position embeddings."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from .adapters import DecoderAdapter
+
+
+def forward_block(block: nn.Module, hidden: torch.Tensor, position_embeddings, batch_size: int = 1) -> torch.Tensor:
+    """hidden [n, L, d] -> [n, L, d], `batch_size` sequences at a time, causal attention (sdpa, no mask)."""
+    seqlen = hidden.shape[1]
+    pos = torch.arange(seqlen).unsqueeze(0)
+    out = torch.empty_like(hidden)
+    with torch.no_grad():
+        for s in range(0, hidden.shape[0], batch_size):
+            h = hidden[s : s + batch_size]
+            y = block(h, attention_mask=None, position_ids=pos, position_embeddings=position_embeddings, use_cache=False)
+            out[s : s + batch_size] = y[0] if isinstance(y, tuple) else y
+    return out
+
+
+class BlockFactory:
+    def __init__(self, config, adapter: DecoderAdapter):
+        from transformers import AutoModelForCausalLM
+
+        config = copy.deepcopy(config)
+        config._attn_implementation = "sdpa"  # causal without an explicit mask
+        config.use_cache = False
+        with torch.device("meta"):
+            self.skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        self.config = config
+        self.adapter = adapter
+        rotary = self.skeleton.get_submodule(adapter.blocks.rsplit(".", 1)[0] + ".rotary_emb")
+        self.rotary = type(rotary)(config=config)
+        self.num_blocks = len(self.skeleton.get_submodule(adapter.blocks))
+
+    def empty_block(self, i: int) -> nn.Module:
+        """Block i with allocated, uninitialised fp32 parameters."""
+        meta = self.skeleton.get_submodule(f"{self.adapter.blocks}.{i}")
+        return copy.deepcopy(meta).to_empty(device="cpu").eval()
+
+    def block(self, i: int, state: dict[str, torch.Tensor]) -> nn.Module:
+        b = self.empty_block(i)
+        b.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=True)
+        return b
+
+    def position_embeddings(self, seqlen: int):
+        x = torch.zeros(1, seqlen, 1)
+        return self.rotary(x, torch.arange(seqlen).unsqueeze(0))

@@ -1,0 +1,79 @@
+"""Calibration samples: `nsamples` windows of `seqlen` tokens, drawn at seeded random offsets from one
+token stream (the documents joined with blank lines and tokenized once). Deterministic per seed.
+
+Sources: `c4` (C4 validation documents 1,100-1,999 locally, disjoint from the C4 evaluation slice; C4
+train shard 0 from the hub), `wikitext2` (train split; locally the tokenized validation split when the
+raw train file is absent; never the test split), a local .txt/.jsonl/.parquet file, `hf:NAME[:CONFIG[:SPLIT]]`
+for any `datasets` dataset with a 'text' column, or `none`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .data import C4_EVAL_DOCS, _hub, c4_validation_docs, data_dir, read_text_file, wikitext2_rows
+from .errors import InputError
+
+
+@dataclass
+class CalibConfig:
+    source: str = "c4"
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    data_dir: str | None = None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("data_dir")
+        return d
+
+
+def calibration_texts(cfg: CalibConfig) -> list[str]:
+    src = cfg.source
+    dd = data_dir(cfg.data_dir)
+    if src == "c4":
+        if dd is None:
+            return list(_hub("allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"}, split="train")["text"][:5000])
+        return c4_validation_docs(dd)[C4_EVAL_DOCS:]
+    if src == "wikitext2":
+        if dd is None:
+            return wikitext2_rows(None, "train")
+        for rel in ("wikitext-2-raw/wiki.train.raw", "wikitext-2-raw/wiki.valid.raw", "wikitext-2-tokenized/valid.txt"):
+            if (dd / rel).is_file():
+                return read_text_file(dd / rel)
+        raise InputError(f"no WikiText-2 train or validation text in {dd}")
+    if src.startswith("hf:"):
+        name, config, split = (src[3:].split(":") + [None, None])[:3]
+        ds = _hub(name, config, split=split or "train")
+        if "text" not in ds.column_names:
+            raise InputError(f"dataset {name!r} has no 'text' column")
+        return [t for t in ds["text"] if t]
+    p = Path(src).expanduser()
+    if p.is_dir() and ((p / "dataset_info.json").is_file() or (p / "state.json").is_file()):
+        import datasets
+
+        return [t for t in datasets.load_from_disk(str(p))["text"] if t]
+    if p.is_file():
+        return read_text_file(p)
+    raise InputError(f"unknown calibration source {src!r}: use c4, wikitext2, none, hf:NAME, or a local file")
+
+
+def calibration_ids(cfg: CalibConfig, tokenizer) -> torch.Tensor | None:
+    """[nsamples, seqlen] token ids, or None for `--calib none`."""
+    if cfg.source == "none":
+        return None
+    if cfg.nsamples < 1 or cfg.seqlen < 2:
+        raise InputError(f"calibration needs nsamples >= 1 and seqlen >= 2 (got {cfg.nsamples}, {cfg.seqlen})")
+    texts = [t for t in calibration_texts(cfg) if t and t.strip()]
+    if not texts:
+        raise InputError(f"calibration set {cfg.source!r} is empty")
+    ids = torch.tensor(tokenizer("\n\n".join(texts), add_special_tokens=False).input_ids, dtype=torch.int64)
+    if ids.numel() < cfg.seqlen + 1:
+        raise InputError(f"calibration set {cfg.source!r} has {ids.numel()} tokens, fewer than one window of {cfg.seqlen}")
+    g = torch.Generator().manual_seed(cfg.seed)
+    starts = torch.randint(0, ids.numel() - cfg.seqlen, (cfg.nsamples,), generator=g)
+    return torch.stack([ids[s : s + cfg.seqlen] for s in starts.tolist()])

@@ -1,0 +1,21 @@
+"""Packed formats: how chosen values are laid out on disk, separate from the methods that choose them.
+
+Each format provides `tensor_specs(layer_config)` (shapes and dtypes of its tensors, so a loader can
+allocate buffers before reading) and `dequantize(tensors, layer_config)` (the torch reference decode).
+A layer's config (stored per layer in the checkpoint) names its format, so mixed formats coexist.
+"""
+
+from .intq import IntFormat, IntQuantized
+
+FORMAT_VERSION = 1
+FORMATS = {IntFormat.name: IntFormat}
+
+
+def get_format(name: str):
+    try:
+        return FORMATS[name]
+    except KeyError:
+        raise ValueError(f"unknown llmq format {name!r}; this llmq knows {sorted(FORMATS)}") from None
+
+
+__all__ = ["FORMATS", "FORMAT_VERSION", "IntFormat", "IntQuantized", "get_format"]

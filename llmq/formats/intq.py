@@ -1,0 +1,98 @@
+"""The integer format ("int"): b-bit codes with one fp16 scale (and, if asymmetric, one zero point)
+per group of `group_size` consecutive input features.
+
+A group size that does not divide the row gives a shorter last group (as the reference GPTQ code
+does); `group_size = 0` means one group per output channel. `g_idx` (optional) maps each input
+column to its group, for act-order checkpoints; without it, column j belongs to group j // g.
+
+On disk, per linear layer `p`:
+    p.qweight  int32 [out, ceil(in*bits/32)]   codes, dense bit-packed along the input dim
+    p.scales   fp16  [out, n_groups]
+    p.qzeros   uint8 [out, n_groups]            asymmetric only
+    p.g_idx    int32 [in]                       act-order only
+Dequantization: w = scale * (code - zero), zero = 2**(bits-1) when symmetric.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .packing import pack_bits, packed_words, unpack_bits
+
+
+def n_groups(in_features: int, group_size: int) -> int:
+    g = group_size or in_features
+    return -(-in_features // g)
+
+
+def default_group_index(in_features: int, group_size: int) -> torch.Tensor:
+    g = group_size or in_features
+    return torch.arange(in_features, dtype=torch.int64) // g
+
+
+@dataclass
+class IntQuantized:
+    """A quantized weight in the int format, before packing (codes unpacked, one per weight)."""
+
+    codes: torch.Tensor  # uint8 [out, in]
+    scales: torch.Tensor  # fp16 [out, n_groups]
+    zeros: torch.Tensor | None  # uint8 [out, n_groups] (asymmetric) or None (symmetric)
+    bits: int
+    group_size: int
+    g_idx: torch.Tensor | None = None  # int32 [in], act-order only
+
+    def layer_config(self) -> dict:
+        out, inp = self.codes.shape
+        return {
+            "format": "int",
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "sym": self.zeros is None,
+            "act_order": self.g_idx is not None,
+            "in_features": inp,
+            "out_features": out,
+        }
+
+    def pack(self) -> dict[str, torch.Tensor]:
+        t = {"qweight": pack_bits(self.codes, self.bits), "scales": self.scales.to(torch.float16).contiguous()}
+        if self.zeros is not None:
+            t["qzeros"] = self.zeros.to(torch.uint8).contiguous()
+        if self.g_idx is not None:
+            t["g_idx"] = self.g_idx.to(torch.int32).contiguous()
+        return t
+
+    def dequantize(self) -> torch.Tensor:
+        return IntFormat.dequantize(self.pack(), self.layer_config())
+
+
+class IntFormat:
+    name = "int"
+
+    @staticmethod
+    def tensor_specs(cfg: dict) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        out, inp, bits = cfg["out_features"], cfg["in_features"], cfg["bits"]
+        g = n_groups(inp, cfg["group_size"])
+        specs = {
+            "qweight": ((out, packed_words(inp, bits)), torch.int32),
+            "scales": ((out, g), torch.float16),
+        }
+        if not cfg["sym"]:
+            specs["qzeros"] = ((out, g), torch.uint8)
+        if cfg.get("act_order"):
+            specs["g_idx"] = ((inp,), torch.int32)
+        return specs
+
+    @staticmethod
+    def dequantize(t: dict[str, torch.Tensor], cfg: dict) -> torch.Tensor:
+        """Packed tensors -> fp32 weight [out, in]. Vectorised: one gather, no loop over groups."""
+        bits, inp = cfg["bits"], cfg["in_features"]
+        codes = unpack_bits(t["qweight"], bits, inp).to(torch.float32)
+        gi = t["g_idx"].long() if "g_idx" in t else default_group_index(inp, cfg["group_size"]).to(codes.device)
+        scales = t["scales"].to(torch.float32)[:, gi]
+        if "qzeros" in t:
+            zeros = t["qzeros"].to(torch.float32)[:, gi]
+        else:
+            zeros = float(1 << (bits - 1))
+        return (codes - zeros) * scales

@@ -1,0 +1,46 @@
+"""Dense bit packing of unsigned integer codes along the last dimension.
+
+Element j of a row occupies bits [j*b, (j+1)*b) of the row's little-endian bit stream, stored in
+int32 words, so a row of n codes takes ceil(n*b/32) words. This is the layout of compressed-tensors'
+`pack-quantized` (and what vLLM expects), for any b in 1..8; 3-bit codes straddle word boundaries.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def packed_words(n: int, bits: int) -> int:
+    return (n * bits + 31) // 32
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack codes [..., n] (integers in [0, 2**bits)) into int32 words [..., ceil(n*bits/32)]."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in 1..8, got {bits}")
+    *lead, n = codes.shape
+    c = codes.reshape(-1, n).to(torch.int64)
+    if c.numel() and (c.min() < 0 or c.max() >= (1 << bits)):
+        raise ValueError(f"codes out of range for {bits}-bit packing")
+    words = packed_words(n, bits)
+    pos = torch.arange(n, dtype=torch.int64) * bits
+    word, shift = pos // 32, pos % 32
+    # Accumulate in int64 with one spare word, so a code that straddles two words simply spills over.
+    acc = torch.zeros(c.shape[0], words + 1, dtype=torch.int64)
+    acc.scatter_add_(1, word.expand_as(c), (c << shift) & 0xFFFFFFFF)
+    acc.scatter_add_(1, (word + 1).expand_as(c), c >> (32 - shift))
+    out = acc[:, :words]
+    out = torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)  # reinterpret as signed int32
+    return out.reshape(*lead, words)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of pack_bits: int32 words [..., w] -> uint8 codes [..., n]."""
+    *lead, w = packed.shape
+    p = packed.reshape(-1, w).to(torch.int64) & 0xFFFFFFFF
+    p = torch.cat([p, torch.zeros(p.shape[0], 1, dtype=torch.int64)], dim=1)
+    pos = torch.arange(n, dtype=torch.int64) * bits
+    word, shift = pos // 32, pos % 32
+    window = p[:, word] | (p[:, word + 1] << 32)  # 64-bit window holding the whole code
+    codes = (window >> shift) & ((1 << bits) - 1)
+    return codes.to(torch.uint8).reshape(*lead, n)

@@ -1,0 +1,8 @@
+"""Quantization methods: each takes a layer's weight (and, if it wants one, its input Hessian X Xᵀ)
+and returns a quantized value object of some packed format. One file per method."""
+
+from .rtn import RTN
+
+METHODS = {m.name: m for m in (RTN(),)}
+
+__all__ = ["METHODS"]

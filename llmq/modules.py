@@ -1,0 +1,53 @@
+"""`LlmqLinear`: a linear layer that computes from packed weights (torch reference path on CPU)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .formats import get_format
+
+
+class LlmqLinear(nn.Module):
+    def __init__(self, layer_config: dict, bias: bool = False, device=None):
+        super().__init__()
+        self.layer_config = dict(layer_config)
+        self.format = get_format(layer_config["format"])
+        self.in_features = layer_config["in_features"]
+        self.out_features = layer_config["out_features"]
+        # Zero-length `weight`: a checkpoint saved from this module makes a plain (non-llmq) transformers
+        # load fail with a size mismatch instead of silently initialising random weights.
+        self.register_buffer("weight", torch.zeros(0, dtype=torch.float16, device=device))
+        for name, (shape, dtype) in self.format.tensor_specs(layer_config).items():
+            self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.zeros(self.out_features, device=device), requires_grad=False) if bias else None
+
+    def packed_tensors(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.named_buffers(recurse=False) if k != "weight"}
+
+    def dequantize(self) -> torch.Tensor:
+        return self.format.dequantize(self.packed_tensors(), self.layer_config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dequantize().to(x.dtype)
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    @classmethod
+    def from_packed(cls, layer_config: dict, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None):
+        m = cls(layer_config, bias=bias is not None, device="meta")
+        m._buffers["weight"] = torch.zeros(0, dtype=torch.float16)
+        for name, t in tensors.items():
+            m._buffers[name] = t
+        if bias is not None:
+            m.bias = nn.Parameter(bias, requires_grad=False)
+        return m
+
+    def extra_repr(self) -> str:
+        c = self.layer_config
+        return f"{self.in_features}->{self.out_features}, format={c['format']}, bits={c.get('bits')}, group_size={c.get('group_size')}"
+
+
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)

@@ -1,0 +1,233 @@
+"""The streaming quantization pipeline behind `llmq quantize`.
+
+    embeddings -> hidden states of the calibration samples
+    for each decoder block:
+        load its weights (only this block is in memory), collect input statistics,
+        quantize its linear layers, write its tensors as one shard (atomically),
+        run the samples through the *quantized* block to feed the next one, free it
+    write embeddings / final norm / head, config.json with quantization_config, tokenizer, index
+    rename the work folder to the output folder
+
+Work happens in `.OUT.partial` beside OUT. A re-run of the same command after a crash or kill finds the
+finished shards there, replays the calibration samples through those quantized blocks (cheap, and
+bit-identical to the first run) and continues; OUT appears only when complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from . import __version__
+from .adapters import adapter_for
+from .blocks import BlockFactory, forward_block
+from .calib import CalibConfig, calibration_ids
+from .errors import InputError
+from .formats import FORMAT_VERSION
+from .hf import QUANT_METHOD
+from .quantize_block import collect_hessians, install_quantized, quantize_block
+from .recipe import METHOD_NONE, Recipe
+from .source import ModelSource
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+REPORT = "llmq_report.json"
+
+
+@dataclass
+class QuantizeJob:
+    model: str
+    out: Path
+    recipe: Recipe = field(default_factory=Recipe)
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    dtype: str = "auto"  # for tensors kept unquantized; auto = as the source stores them
+    batch_size: int = 1
+    overwrite: bool = False
+
+    def fingerprint(self, source: ModelSource) -> dict:
+        return {
+            "llmq": __version__,
+            "format_version": FORMAT_VERSION,
+            "model": str(source.gguf or source.dir.resolve()),
+            "recipe": self.recipe.to_dict(),
+            "calib": self.calib.to_dict(),
+            "dtype": self.dtype,
+        }
+
+
+def shard_name(i: int, n: int) -> str:
+    return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def save_atomic(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+def load_shard(path: Path) -> tuple[dict, dict]:
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return tensors, json.loads(meta.get("llmq_layers", "{}"))
+
+
+def prepare_work_dir(job: QuantizeJob, source: ModelSource, log) -> Path:
+    work = job.out.parent / f".{job.out.name}.partial"
+    fp = job.fingerprint(source)
+    run_file = work / "run.json"
+    if work.exists():
+        old = json.loads(run_file.read_text()) if run_file.is_file() else None
+        if old == fp:
+            log(f"resuming from {work}")
+            return work
+        log(f"discarding {work}: it was made by a different command")
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    run_file.write_text(json.dumps(fp, indent=2))
+    return work
+
+
+def run_quantize(job: QuantizeJob, log=print, progress=None) -> dict:
+    """Quantize job.model into job.out. Returns the report (also written to OUT/llmq_report.json)."""
+    t_start = time.perf_counter()
+    recipe = job.recipe.validate()
+    if job.out.exists() and not job.overwrite:
+        raise InputError(f"output folder already exists: {job.out} (pass --overwrite to replace it)")
+    if job.dtype != "auto" and job.dtype not in DTYPES:
+        raise InputError(f"--dtype must be auto, fp16, bf16 or fp32, got {job.dtype!r}")
+    source = ModelSource(job.model)
+    adapter = adapter_for(source.config)
+    factory = BlockFactory(source.config, adapter)
+    needs_calib = any(m.needs_hessian for m in _methods_used(recipe))
+    if needs_calib and job.calib.source == "none":
+        raise InputError("the chosen method needs calibration data; --calib none is only for data-free methods")
+    ids = calibration_ids(job.calib, source.tokenizer()) if job.calib.source != "none" else None
+    tensors_src = source.tensors  # validates safetensors files / loads a GGUF
+    out_dtype = DTYPES.get(job.dtype) or source.tensors.dtype_on_disk()
+    if adapter.embed + ".weight" not in tensors_src.keys():
+        raise InputError(f"{source.dir}: no tensor {adapter.embed}.weight; not a {adapter.family}-style checkpoint")
+
+    work = prepare_work_dir(job, source, log)
+    try:
+        report = _quantize_blocks(job, source, adapter, factory, recipe, ids, work, out_dtype, progress)
+    except InputError:
+        shutil.rmtree(work, ignore_errors=True)  # bad input: nothing worth resuming
+        raise
+    report["seconds"] = time.perf_counter() - t_start
+    (work / REPORT).write_text(json.dumps(report, indent=2))
+    if job.out.exists():
+        shutil.rmtree(job.out)
+    os.replace(work, job.out)
+    return report
+
+
+def _methods_used(recipe: Recipe):
+    from .methods import METHODS
+
+    specs = [recipe.default] + [
+        dataclasses.replace(recipe.default, **{k: v for k, v in o.items() if k != "match"}) for o in recipe.overrides
+    ]
+    return [METHODS[s.method] for s in specs if s.method != METHOD_NONE]
+
+
+def _quantize_blocks(job, source, adapter, factory, recipe, ids, work, out_dtype, progress) -> dict:
+    tensors_src = source.tensors
+    n_blocks = factory.num_blocks
+    n_shards = n_blocks + 1
+    embed = tensors_src.get(adapter.embed + ".weight").to(torch.float32)
+    hidden = F.embedding(ids, embed) if ids is not None else None
+    del embed
+    pos_emb = factory.position_embeddings(job.calib.seqlen) if ids is not None else None
+    all_layers, rows = {}, []
+    kill_after = int(os.environ.get("LLMQ_DEBUG_KILL_AFTER_BLOCK", "-1"))  # test hook: simulate a crash
+
+    task = progress.add_task("quantizing blocks", total=n_blocks) if progress else None
+    for i in range(n_blocks):
+        prefix = adapter.block_prefix(i)
+        shard = work / shard_name(i, n_shards)
+        if shard.is_file():
+            tensors, layer_cfgs = load_shard(shard)
+            block_rows = json.loads((work / f"report-{i:05d}.json").read_text())
+        else:
+            state = {k[len(prefix):]: tensors_src.get(k) for k in list(tensors_src.keys()) if k.startswith(prefix)}
+            block = factory.block(i, state)
+            del state
+            if hasattr(tensors_src, "release"):
+                tensors_src.release(prefix)
+            hess = collect_hessians(block, adapter, hidden, pos_emb, job.batch_size) if hidden is not None else None
+            tensors, layer_cfgs, block_rows = quantize_block(block, prefix, adapter, recipe, hess, out_dtype)
+            del block, hess
+            (work / f"report-{i:05d}.json").write_text(json.dumps(block_rows))
+            save_atomic(tensors, shard, metadata={"llmq_layers": json.dumps(layer_cfgs)})
+        if hidden is not None:
+            qblock = install_quantized(factory.empty_block(i), prefix, tensors, layer_cfgs)
+            hidden = forward_block(qblock, hidden, pos_emb, job.batch_size)
+            del qblock
+        del tensors
+        all_layers.update(layer_cfgs)
+        rows.extend(block_rows)
+        if progress:
+            progress.advance(task)
+        if i == kill_after:
+            os.kill(os.getpid(), 9)
+
+    # Embeddings, final norm and head (the head only if the recipe quantizes it).
+    rest = {}
+    tied = bool(getattr(source.config, "tie_word_embeddings", False))
+    for name in (adapter.embed + ".weight", adapter.final_norm + ".weight"):
+        rest[name] = tensors_src.get(name).to(out_dtype)
+    head_spec = recipe.spec_for(adapter.head)
+    head_key = adapter.head + ".weight"
+    if head_spec.method != METHOD_NONE:
+        from .methods import METHODS
+
+        w = (tensors_src.get(head_key) if head_key in tensors_src.keys() else rest[adapter.embed + ".weight"]).to(torch.float32)
+        q = METHODS[head_spec.method].quantize(w, head_spec, None)
+        for k, v in q.pack().items():
+            rest[f"{adapter.head}.{k}"] = v
+        rest[head_key] = torch.zeros(0, dtype=torch.float16)
+        all_layers[adapter.head] = {"method": head_spec.method, **q.layer_config()}
+        tied = False  # the head now differs from the embeddings
+    elif head_key in tensors_src.keys() and not tied:
+        rest[head_key] = tensors_src.get(head_key).to(out_dtype)
+    save_atomic(rest, work / shard_name(n_blocks, n_shards))
+    _write_metadata(job, source, work, all_layers, n_shards, tied, out_dtype)
+    return {"model": source.name, "recipe": recipe.to_dict(), "calib": job.calib.to_dict() if ids is not None else None, "layers": rows}
+
+
+def _write_metadata(job, source, work, layers, n_shards, tied, out_dtype) -> None:
+    weight_map, total = {}, 0
+    for i in range(n_shards):
+        name = shard_name(i, n_shards)
+        with safe_open(work / name, framework="pt") as f:
+            for k in f.keys():
+                weight_map[k] = name
+        total += (work / name).stat().st_size
+    (work / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    config = source.config.to_dict()
+    config["tie_word_embeddings"] = tied
+    config["dtype"] = str(out_dtype).replace("torch.", "")
+    config["quantization_config"] = {
+        "quant_method": QUANT_METHOD,
+        "format_version": FORMAT_VERSION,
+        "llmq_version": __version__,
+        "recipe": job.recipe.to_dict(),
+        "calibration": job.calib.to_dict() if job.calib.source != "none" else None,
+        "layers": layers,
+    }
+    (work / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    for f in source.tokenizer_files():
+        shutil.copy2(f, work / f.name)
+    for f in work.glob("report-*.json"):
+        f.unlink()
+    (work / "run.json").unlink(missing_ok=True)

@@ -1,0 +1,122 @@
+"""Quantizing one decoder block: collect each linear layer's input statistics (H = 2/N Σ x xᵀ, shared by
+layers that read the same input), quantize every linear layer with the method its recipe names, and
+report the error each layer makes. Used by both the streaming pipeline and in-memory `quantize_`."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from .adapters import DecoderAdapter
+from .blocks import forward_block
+from .formats import get_format
+from .methods import METHODS
+from .modules import LlmqLinear, set_submodule
+from .recipe import METHOD_NONE, Recipe
+
+
+def collect_hessians(block: nn.Module, adapter: DecoderAdapter, hidden: torch.Tensor, pos_emb, batch_size: int):
+    """H per linear-input group (keyed by the group's first layer), from the block's fp forward pass."""
+    sums, counts, hooks = {}, {}, []
+    for group in adapter.linear_groups:
+        key = group[0]
+
+        def hook(_mod, args, _out, key=key):
+            x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float32)
+            sums[key] = sums.get(key, 0) + x.T @ x
+            counts[key] = counts.get(key, 0) + x.shape[0]
+
+        hooks.append(block.get_submodule(key).register_forward_hook(hook))
+    try:
+        forward_block(block, hidden, pos_emb, batch_size)
+    finally:
+        for h in hooks:
+            h.remove()
+    hess = {}
+    for group in adapter.linear_groups:
+        H = sums[group[0]] * (2.0 / counts[group[0]])
+        for name in group:
+            hess[name] = H
+    return hess
+
+
+def relative_output_error(w: torch.Tensor, q: torch.Tensor, H: torch.Tensor) -> float:
+    """‖(W-Q)X‖² / ‖WX‖² computed from H ∝ X Xᵀ (the normalisation cancels)."""
+    d = w - q
+    return float(((d @ H) * d).sum() / ((w @ H) * w).sum().clamp_min(1e-30))
+
+
+def packed_bits_per_weight(tensors: dict[str, torch.Tensor], cfg: dict) -> float:
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    return 8.0 * nbytes / (cfg["in_features"] * cfg["out_features"])
+
+
+def quantize_block(block: nn.Module, prefix: str, adapter: DecoderAdapter, recipe: Recipe, hessians: dict | None, out_dtype: torch.dtype):
+    """Quantize the linear layers of `block` (fp32, in place untouched). Returns (tensors to write, with
+    full names; {layer name: layer config}; report rows)."""
+    tensors, layer_cfgs, rows = {}, {}, []
+    quantized_params = set()
+    for name in adapter.linears:
+        full = prefix + name
+        lin = block.get_submodule(name)
+        spec = recipe.spec_for(full)
+        if spec.method == METHOD_NONE:
+            continue
+        t0 = time.perf_counter()
+        w = lin.weight.detach().to(torch.float32)
+        if not torch.isfinite(w).all():
+            from .errors import InputError
+
+            raise InputError(f"weight {full}.weight contains NaN or Inf values")
+        H = hessians.get(name) if hessians else None
+        q = METHODS[spec.method].quantize(w, spec, H)
+        packed = q.pack()
+        cfg = {"method": spec.method, **q.layer_config()}
+        deq = get_format(cfg["format"]).dequantize(packed, cfg)
+        for k, v in packed.items():
+            tensors[f"{full}.{k}"] = v
+        tensors[f"{full}.weight"] = torch.zeros(0, dtype=torch.float16)  # placeholder, see llmq.hf
+        quantized_params.add(f"{name}.weight")
+        if lin.bias is not None:
+            tensors[f"{full}.bias"] = lin.bias.detach().to(out_dtype)
+            quantized_params.add(f"{name}.bias")
+        layer_cfgs[full] = cfg
+        rows.append({
+            "layer": full,
+            "method": spec.method,
+            "bits": cfg["bits"],
+            "group_size": cfg["group_size"],
+            "sym": cfg["sym"],
+            "bpw": packed_bits_per_weight(packed, cfg),
+            "weight_err": float((w - deq).pow(2).sum() / w.pow(2).sum().clamp_min(1e-30)),
+            "output_err": relative_output_error(w, deq, H) if H is not None else None,
+            "seconds": time.perf_counter() - t0,
+        })
+    for pname, p in block.state_dict().items():
+        if pname not in quantized_params:
+            if not torch.isfinite(p).all():
+                from .errors import InputError
+
+                raise InputError(f"tensor {prefix}{pname} contains NaN or Inf values")
+            tensors[prefix + pname] = p.detach().to(out_dtype)
+    return tensors, layer_cfgs, rows
+
+
+def install_quantized(block: nn.Module, prefix: str, tensors: dict, layer_cfgs: dict) -> nn.Module:
+    """Make `block` compute what the checkpoint says: LlmqLinear for quantized layers, the written (possibly
+    down-cast) values for everything else. The same code serves a fresh run and a resumed one."""
+    local = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    for full, cfg in layer_cfgs.items():
+        name = full[len(prefix):]
+        packed = {k: local[f"{name}.{k}"] for k in get_format(cfg["format"]).tensor_specs(cfg)}
+        bias = local.get(f"{name}.bias")
+        set_submodule(block, name, LlmqLinear.from_packed(cfg, packed, None if bias is None else bias.to(torch.float32)))
+    quantized = {n[len(prefix):] for n in layer_cfgs}
+    rest = {k: v.to(torch.float32) for k, v in local.items() if k.rsplit(".", 1)[0] not in quantized}
+    missing, unexpected = block.load_state_dict(rest, strict=False)
+    missing = [m for m in missing if m.rsplit(".", 1)[0] not in quantized]
+    if missing or unexpected:
+        raise RuntimeError(f"block tensors do not match the block: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return block

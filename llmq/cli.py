@@ -18,7 +18,7 @@ from .errors import InputError
 
 app = typer.Typer(help="llmq: post-training weight quantization for LLMs.", no_args_is_help=True, add_completion=False)
 console = Console(stderr=True)
-out = Console()
+out = Console(width=None if sys.stdout.isatty() else 140)
 
 
 def guarded(fn):

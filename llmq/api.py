@@ -1,0 +1,54 @@
+"""In-memory entry point: `quantize_(model, recipe, calib_ids)` quantizes a loaded transformers model in
+place (its linear layers become `LlmqLinear`), with the same per-block code as the streaming pipeline.
+`model.save_pretrained(dir)` then writes an llmq checkpoint."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .adapters import adapter_for
+from .blocks import forward_block
+from .formats import FORMAT_VERSION
+from .hf import LlmqConfig, LlmqHfQuantizer
+from .methods import METHODS
+from .modules import LlmqLinear, set_submodule
+from .quantize_block import collect_hessians, install_quantized, quantize_block
+from .recipe import METHOD_NONE, Recipe
+
+
+@torch.no_grad()
+def quantize_(model, recipe: Recipe | None = None, calib_ids: torch.Tensor | None = None, batch_size: int = 1) -> list[dict]:
+    """Quantize `model` in place; returns the per-layer report rows."""
+    recipe = (recipe or Recipe()).validate()
+    adapter = adapter_for(model.config)
+    blocks = model.get_submodule(adapter.blocks)
+    rotary = model.get_submodule(adapter.blocks.rsplit(".", 1)[0] + ".rotary_emb")
+    hidden = pos_emb = None
+    if calib_ids is not None:
+        hidden = F.embedding(calib_ids, model.get_submodule(adapter.embed).weight.float())
+        seqlen = calib_ids.shape[1]
+        pos_emb = rotary(torch.zeros(1, seqlen, 1), torch.arange(seqlen).unsqueeze(0))
+    dtype = next(model.parameters()).dtype
+    layers, rows = {}, []
+    for i, block in enumerate(blocks):
+        prefix = adapter.block_prefix(i)
+        hess = collect_hessians(block, adapter, hidden, pos_emb, batch_size) if hidden is not None else None
+        tensors, cfgs, block_rows = quantize_block(block, prefix, adapter, recipe, hess, dtype)
+        install_quantized(block, prefix, tensors, cfgs)
+        if hidden is not None:
+            hidden = forward_block(block, hidden, pos_emb, batch_size)
+        layers.update(cfgs)
+        rows.extend(block_rows)
+    head_spec = recipe.spec_for(adapter.head)
+    if head_spec.method != METHOD_NONE:
+        w = model.get_submodule(adapter.head).weight.float()
+        q = METHODS[head_spec.method].quantize(w, head_spec, None)
+        cfg = {"method": head_spec.method, **q.layer_config()}
+        set_submodule(model, adapter.head, LlmqLinear.from_packed(cfg, q.pack()))
+        layers[adapter.head] = cfg
+        model.config.tie_word_embeddings = False
+    qc = LlmqConfig(format_version=FORMAT_VERSION, layers=layers, recipe=recipe.to_dict())
+    model.config.quantization_config = qc
+    model.hf_quantizer = LlmqHfQuantizer(qc)
+    return rows

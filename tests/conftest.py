@@ -1,0 +1,47 @@
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("LLMQ_SHARED", REPO.parent / "shared"))
+SMOLLM = SHARED / "models" / "smollm2-135m-instruct-q4_1"
+DATA = SHARED / "data"
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json"]
+
+
+def make_tiny_llama(folder: Path, layers: int = 3, hidden: int = 96, inter: int = 160, tie: bool = True, seed: int = 0,
+                    dtype=torch.float32) -> Path:
+    """A small random Llama that uses SmolLM2's real tokenizer. hidden 96 is not a multiple of 64, so
+    group size 64 exercises a shorter last group."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4, max_position_embeddings=1024,
+                      tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    model = LlamaForCausalLM(cfg).to(dtype)
+    with torch.no_grad():  # non-trivial norms and some outliers, like a trained model
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            elif p.dim() == 2:
+                p.normal_(0, 0.05)
+                p[torch.rand_like(p) < 0.002] *= 8
+    model.save_pretrained(folder)
+    for f in TOKENIZER_FILES:
+        shutil.copy(SMOLLM / f, folder / f)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(autouse=True)
+def _data_dir(monkeypatch):
+    monkeypatch.setenv("LLMQ_DATA_DIR", str(DATA))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -45,9 +45,10 @@ def adapter_for(config) -> DecoderAdapter:
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
 
     model_type = getattr(config, "model_type", None)
-    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
-        archs = ", ".join(getattr(config, "architectures", None) or []) or model_type
-        raise InputError(f"not a causal language model: {archs} (model_type {model_type!r})")
+    archs = getattr(config, "architectures", None) or []
+    causal_archs = [a for a in archs if a.endswith(("ForCausalLM", "LMHeadModel"))]
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING or (archs and not causal_archs):
+        raise InputError(f"not a causal language model: {', '.join(archs) or model_type} (model_type {model_type!r})")
     if model_type not in ADAPTERS:
         raise InputError(f"unsupported architecture {model_type!r}; llmq supports {', '.join(sorted(ADAPTERS))}")
     return ADAPTERS[model_type]

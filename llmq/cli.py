@@ -79,8 +79,7 @@ def quantize(
     r.rotate = rotate if rotate != "none" or recipe is None else r.rotate
     job = QuantizeJob(model=model, out=output, recipe=r, dtype=dtype, batch_size=batch_size, overwrite=overwrite,
                       calib=CalibConfig(source=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, data_dir=data_dir))
-    with _progress() as progress:
-        report = run_quantize(job, log=lambda m: console.print(f"[dim]{m}[/dim]"), progress=progress)
+    report = run_quantize(job, log=lambda m: console.print(f"[dim]{m}[/dim]"), progress=_progress)
     _print_quantize_summary(report, output, verbose)
 
 

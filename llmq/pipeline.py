@@ -15,6 +15,7 @@ bit-identical to the first run) and continues; OUT appears only when complete.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -98,6 +99,7 @@ def prepare_work_dir(job: QuantizeJob, source: ModelSource, log) -> Path:
 
 
 def run_quantize(job: QuantizeJob, log=print, progress=None) -> dict:
+    """`progress`: optional factory of a rich Progress, opened once the work starts."""
     """Quantize job.model into job.out. Returns the report (also written to OUT/llmq_report.json)."""
     t_start = time.perf_counter()
     recipe = job.recipe.validate()
@@ -119,7 +121,8 @@ def run_quantize(job: QuantizeJob, log=print, progress=None) -> dict:
 
     work = prepare_work_dir(job, source, log)
     try:
-        report = _quantize_blocks(job, source, adapter, factory, recipe, ids, work, out_dtype, progress)
+        with (progress() if progress else contextlib.nullcontext()) as bar:
+            report = _quantize_blocks(job, source, adapter, factory, recipe, ids, work, out_dtype, bar)
     except InputError:
         shutil.rmtree(work, ignore_errors=True)  # bad input: nothing worth resuming
         raise

@@ -39,14 +39,13 @@ class BlockFactory:
         self.rotary = type(rotary)(config=config)
         self.num_blocks = len(self.skeleton.get_submodule(adapter.blocks))
 
-    def empty_block(self, i: int) -> nn.Module:
-        """Block i with allocated, uninitialised fp32 parameters."""
-        meta = self.skeleton.get_submodule(f"{self.adapter.blocks}.{i}")
-        return copy.deepcopy(meta).to_empty(device="cpu").eval()
+    def meta_block(self, i: int) -> nn.Module:
+        """Block i with no storage yet: tensors are attached with `assign`, so nothing is allocated twice."""
+        return copy.deepcopy(self.skeleton.get_submodule(f"{self.adapter.blocks}.{i}")).eval()
 
     def block(self, i: int, state: dict[str, torch.Tensor]) -> nn.Module:
-        b = self.empty_block(i)
-        b.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=True)
+        b = self.meta_block(i)
+        b.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=True, assign=True)
         return b
 
     def position_embeddings(self, seqlen: int):

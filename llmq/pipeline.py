@@ -173,7 +173,7 @@ def _quantize_blocks(job, source, adapter, factory, recipe, ids, work, out_dtype
             (work / f"report-{i:05d}.json").write_text(json.dumps(block_rows))
             save_atomic(tensors, shard, metadata={"llmq_layers": json.dumps(layer_cfgs)})
         if hidden is not None:
-            qblock = install_quantized(factory.empty_block(i), prefix, tensors, layer_cfgs)
+            qblock = install_quantized(factory.meta_block(i), prefix, tensors, layer_cfgs)
             hidden = forward_block(qblock, hidden, pos_emb, job.batch_size)
             del qblock
         del tensors

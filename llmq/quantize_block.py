@@ -115,7 +115,7 @@ def install_quantized(block: nn.Module, prefix: str, tensors: dict, layer_cfgs: 
         set_submodule(block, name, LlmqLinear.from_packed(cfg, packed, None if bias is None else bias.to(torch.float32)))
     quantized = {n[len(prefix):] for n in layer_cfgs}
     rest = {k: v.to(torch.float32) for k, v in local.items() if k.rsplit(".", 1)[0] not in quantized}
-    missing, unexpected = block.load_state_dict(rest, strict=False)
+    missing, unexpected = block.load_state_dict(rest, strict=False, assign=True)
     missing = [m for m in missing if m.rsplit(".", 1)[0] not in quantized]
     if missing or unexpected:
         raise RuntimeError(f"block tensors do not match the block: missing {missing[:3]}, unexpected {unexpected[:3]}")

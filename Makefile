@@ -1,0 +1,26 @@
+# llmq developer tasks. SHARED defaults to the assets folder beside the checkout.
+SHARED ?= ../shared
+MODEL ?= $(SHARED)/models/smollm2-135m-instruct-q4_1
+export LLMQ_DATA_DIR ?= $(SHARED)/data
+export HF_HUB_OFFLINE ?= 1
+PY ?= python
+
+.PHONY: install test demo bench-streaming e2e
+
+install:
+	$(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install -e ".[dev]"
+
+test:
+	$(PY) -m pytest -q
+
+# The main job on the default model: RTN 4-bit symmetric g128, then a quick perplexity comparison.
+demo:
+	llmq quantize $(MODEL) -o out/smollm2-rtn-w4g128 --bits 4 --group-size 128 --sym --nsamples 16 --seqlen 512 --overwrite
+	llmq eval $(MODEL) out/smollm2-rtn-w4g128 --limit 4
+
+bench-streaming:
+	$(PY) scripts/bench_streaming.py
+
+e2e:
+	$(PY) scripts/e2e_smollm.py

@@ -62,6 +62,16 @@ def calibration_texts(cfg: CalibConfig) -> list[str]:
     raise InputError(f"unknown calibration source {src!r}: use c4, wikitext2, none, hf:NAME, or a local file")
 
 
+def tokenize_stream(texts: list[str], tokenizer, docs_per_chunk: int = 64) -> torch.Tensor:
+    """Token ids of "\n\n".join(texts), tokenized a chunk of documents at a time to bound memory (chunks
+    after the first keep their leading "\n\n", so only tokens spanning a chunk boundary can differ)."""
+    parts = []
+    for s in range(0, len(texts), docs_per_chunk):
+        chunk = ("\n\n" if s else "") + "\n\n".join(texts[s : s + docs_per_chunk])
+        parts.append(torch.tensor(tokenizer(chunk, add_special_tokens=False).input_ids, dtype=torch.int64))
+    return torch.cat(parts)
+
+
 def calibration_ids(cfg: CalibConfig, tokenizer) -> torch.Tensor | None:
     """[nsamples, seqlen] token ids, or None for `--calib none`."""
     if cfg.source == "none":
@@ -71,7 +81,7 @@ def calibration_ids(cfg: CalibConfig, tokenizer) -> torch.Tensor | None:
     texts = [t for t in calibration_texts(cfg) if t and t.strip()]
     if not texts:
         raise InputError(f"calibration set {cfg.source!r} is empty")
-    ids = torch.tensor(tokenizer("\n\n".join(texts), add_special_tokens=False).input_ids, dtype=torch.int64)
+    ids = tokenize_stream(texts, tokenizer)
     if ids.numel() < cfg.seqlen + 1:
         raise InputError(f"calibration set {cfg.source!r} has {ids.numel()} tokens, fewer than one window of {cfg.seqlen}")
     g = torch.Generator().manual_seed(cfg.seed)

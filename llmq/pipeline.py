@@ -16,7 +16,9 @@ bit-identical to the first run) and continues; OUT appears only when complete.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
+import gc
 import json
 import os
 import shutil
@@ -63,6 +65,15 @@ class QuantizeJob:
             "calib": self.calib.to_dict(),
             "dtype": self.dtype,
         }
+
+
+def release_memory() -> None:
+    """Hand freed heap memory back to the OS, so resident memory tracks what is really in use."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def shard_name(i: int, n: int) -> str:
@@ -114,6 +125,7 @@ def run_quantize(job: QuantizeJob, log=print, progress=None) -> dict:
     if needs_calib and job.calib.source == "none":
         raise InputError("the chosen method needs calibration data; --calib none is only for data-free methods")
     ids = calibration_ids(job.calib, source.tokenizer()) if job.calib.source != "none" else None
+    release_memory()
     tensors_src = source.tensors  # validates safetensors files / loads a GGUF
     out_dtype = DTYPES.get(job.dtype) or source.tensors.dtype_on_disk()
     if adapter.embed + ".weight" not in tensors_src.keys():
@@ -146,10 +158,11 @@ def _methods_used(recipe: Recipe):
 def _quantize_blocks(job, source, adapter, factory, recipe, ids, work, out_dtype, progress) -> dict:
     tensors_src = source.tensors
     n_blocks = factory.num_blocks
-    n_shards = n_blocks + 1
+    n_shards = n_blocks + 1 + int(_writes_head(adapter, recipe, tensors_src, source.config))
     embed = tensors_src.get(adapter.embed + ".weight").to(torch.float32)
     hidden = F.embedding(ids, embed) if ids is not None else None
     del embed
+    release_memory()
     pos_emb = factory.position_embeddings(job.calib.seqlen) if ids is not None else None
     all_layers, rows = {}, []
     kill_after = int(os.environ.get("LLMQ_DEBUG_KILL_AFTER_BLOCK", "-1"))  # test hook: simulate a crash
@@ -177,6 +190,7 @@ def _quantize_blocks(job, source, adapter, factory, recipe, ids, work, out_dtype
             hidden = forward_block(qblock, hidden, pos_emb, job.batch_size)
             del qblock
         del tensors
+        release_memory()
         all_layers.update(layer_cfgs)
         rows.extend(block_rows)
         if progress:
@@ -184,28 +198,41 @@ def _quantize_blocks(job, source, adapter, factory, recipe, ids, work, out_dtype
         if i == kill_after:
             os.kill(os.getpid(), 9)
 
-    # Embeddings, final norm and head (the head only if the recipe quantizes it).
-    rest = {}
+    # Embeddings and final norm in one shard, the head (unless tied) in another: one large tensor each.
     tied = bool(getattr(source.config, "tie_word_embeddings", False))
-    for name in (adapter.embed + ".weight", adapter.final_norm + ".weight"):
-        rest[name] = tensors_src.get(name).to(out_dtype)
-    head_spec = recipe.spec_for(adapter.head)
-    head_key = adapter.head + ".weight"
-    if head_spec.method != METHOD_NONE:
-        from .methods import METHODS
-
-        w = (tensors_src.get(head_key) if head_key in tensors_src.keys() else rest[adapter.embed + ".weight"]).to(torch.float32)
-        q = METHODS[head_spec.method].quantize(w, head_spec, None)
-        for k, v in q.pack().items():
-            rest[f"{adapter.head}.{k}"] = v
-        rest[head_key] = torch.zeros(0, dtype=torch.float16)
-        all_layers[adapter.head] = {"method": head_spec.method, **q.layer_config()}
-        tied = False  # the head now differs from the embeddings
-    elif head_key in tensors_src.keys() and not tied:
-        rest[head_key] = tensors_src.get(head_key).to(out_dtype)
+    embed_key = adapter.embed + ".weight"
+    rest = {embed_key: tensors_src.get(embed_key).to(out_dtype),
+            adapter.final_norm + ".weight": tensors_src.get(adapter.final_norm + ".weight").to(out_dtype)}
     save_atomic(rest, work / shard_name(n_blocks, n_shards))
+    del rest
+    head, head_layer = _head_tensors(adapter, recipe, tensors_src, tied, out_dtype)
+    if head_layer:
+        all_layers[adapter.head] = head_layer
+        tied = False  # the head now differs from the embeddings
+    if head:
+        save_atomic(head, work / shard_name(n_blocks + 1, n_shards))
     _write_metadata(job, source, work, all_layers, n_shards, tied, out_dtype)
     return {"model": source.name, "recipe": recipe.to_dict(), "calib": job.calib.to_dict() if ids is not None else None, "layers": rows}
+
+
+def _writes_head(adapter, recipe, tensors_src, config) -> bool:
+    untied = (adapter.head + ".weight") in tensors_src.keys() and not getattr(config, "tie_word_embeddings", False)
+    return untied or recipe.spec_for(adapter.head).method != METHOD_NONE
+
+
+def _head_tensors(adapter, recipe, tensors_src, tied, out_dtype) -> tuple[dict, dict | None]:
+    """The head's tensors to write and, if the recipe quantizes it, its layer config."""
+    from .methods import METHODS
+
+    key = adapter.head + ".weight"
+    spec = recipe.spec_for(adapter.head)
+    if spec.method == METHOD_NONE:
+        return ({key: tensors_src.get(key).to(out_dtype)} if key in tensors_src.keys() and not tied else {}), None
+    w = tensors_src.get(key if key in tensors_src.keys() else adapter.embed + ".weight").to(torch.float32)
+    q = METHODS[spec.method].quantize(w, spec, None)
+    tensors = {f"{adapter.head}.{k}": v for k, v in q.pack().items()}
+    tensors[key] = torch.zeros(0, dtype=torch.float16)  # placeholder, see llmq.hf
+    return tensors, {"method": spec.method, **q.layer_config()}
 
 
 def _write_metadata(job, source, work, layers, n_shards, tied, out_dtype) -> None:

@@ -25,8 +25,10 @@ def collect_hessians(block: nn.Module, adapter: DecoderAdapter, hidden: torch.Te
 
         def hook(_mod, args, _out, key=key):
             x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float32)
-            sums[key] = sums.get(key, 0) + x.T @ x
-            counts[key] = counts.get(key, 0) + x.shape[0]
+            if key not in sums:  # accumulate in place: H is the largest tensor here (in² floats)
+                sums[key], counts[key] = torch.zeros(x.shape[1], x.shape[1]), 0
+            sums[key].addmm_(x.T, x)
+            counts[key] += x.shape[0]
 
         hooks.append(block.get_submodule(key).register_forward_hook(hook))
     try:
@@ -36,7 +38,7 @@ def collect_hessians(block: nn.Module, adapter: DecoderAdapter, hidden: torch.Te
             h.remove()
     hess = {}
     for group in adapter.linear_groups:
-        H = sums[group[0]] * (2.0 / counts[group[0]])
+        H = sums[group[0]].mul_(2.0 / counts[group[0]])
         for name in group:
             hess[name] = H
     return hess
@@ -45,7 +47,8 @@ def collect_hessians(block: nn.Module, adapter: DecoderAdapter, hidden: torch.Te
 def relative_output_error(w: torch.Tensor, q: torch.Tensor, H: torch.Tensor) -> float:
     """‖(W-Q)X‖² / ‖WX‖² computed from H ∝ X Xᵀ (the normalisation cancels)."""
     d = w - q
-    return float(((d @ H) * d).sum() / ((w @ H) * w).sum().clamp_min(1e-30))
+    num = float((d @ H).mul_(d).sum())
+    return num / max(float((w @ H).mul_(w).sum()), 1e-30)
 
 
 def packed_bits_per_weight(tensors: dict[str, torch.Tensor], cfg: dict) -> float:
@@ -83,6 +86,10 @@ def quantize_block(block: nn.Module, prefix: str, adapter: DecoderAdapter, recip
             tensors[f"{full}.bias"] = lin.bias.detach().to(out_dtype)
             quantized_params.add(f"{name}.bias")
         layer_cfgs[full] = cfg
+        weight_err = float((w - deq).pow_(2).sum() / w.pow(2).sum().clamp_min(1e-30))
+        output_err = relative_output_error(w, deq, H) if H is not None else None
+        del w, deq
+        lin.weight = None  # the fp weight is no longer needed; free it before the next (larger) layer
         rows.append({
             "layer": full,
             "method": spec.method,
@@ -90,8 +97,8 @@ def quantize_block(block: nn.Module, prefix: str, adapter: DecoderAdapter, recip
             "group_size": cfg["group_size"],
             "sym": cfg["sym"],
             "bpw": packed_bits_per_weight(packed, cfg),
-            "weight_err": float((w - deq).pow(2).sum() / w.pow(2).sum().clamp_min(1e-30)),
-            "output_err": relative_output_error(w, deq, H) if H is not None else None,
+            "weight_err": weight_err,
+            "output_err": output_err,
             "seconds": time.perf_counter() - t0,
         })
     for pname, p in block.state_dict().items():

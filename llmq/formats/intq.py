@@ -90,9 +90,5 @@ class IntFormat:
         bits, inp = cfg["bits"], cfg["in_features"]
         codes = unpack_bits(t["qweight"], bits, inp).to(torch.float32)
         gi = t["g_idx"].long() if "g_idx" in t else default_group_index(inp, cfg["group_size"]).to(codes.device)
-        scales = t["scales"].to(torch.float32)[:, gi]
-        if "qzeros" in t:
-            zeros = t["qzeros"].to(torch.float32)[:, gi]
-        else:
-            zeros = float(1 << (bits - 1))
-        return (codes - zeros) * scales
+        zeros = t["qzeros"].to(torch.float32)[:, gi] if "qzeros" in t else float(1 << (bits - 1))
+        return codes.sub_(zeros).mul_(t["scales"].to(torch.float32)[:, gi])

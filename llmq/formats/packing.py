@@ -14,12 +14,27 @@ def packed_words(n: int, bits: int) -> int:
     return (n * bits + 31) // 32
 
 
+CHUNK_ELEMENTS = 1 << 22  # rows are processed in chunks of ~4M codes to bound the int64 temporaries
+
+
+def _row_chunks(rows: int, n: int):
+    step = max(1, CHUNK_ELEMENTS // max(n, 1))
+    return [(s, min(s + step, rows)) for s in range(0, rows, step)]
+
+
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack codes [..., n] (integers in [0, 2**bits)) into int32 words [..., ceil(n*bits/32)]."""
+    *lead, n = codes.shape
+    flat = codes.reshape(-1, n)
+    parts = [_pack_rows(flat[a:b], bits) for a, b in _row_chunks(flat.shape[0], n)] or [_pack_rows(flat, bits)]
+    return torch.cat(parts).reshape(*lead, packed_words(n, bits))
+
+
+def _pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be in 1..8, got {bits}")
-    *lead, n = codes.shape
-    c = codes.reshape(-1, n).to(torch.int64)
+    n = codes.shape[1]
+    c = codes.to(torch.int64)
     if c.numel() and (c.min() < 0 or c.max() >= (1 << bits)):
         raise ValueError(f"codes out of range for {bits}-bit packing")
     words = packed_words(n, bits)
@@ -30,17 +45,21 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     acc.scatter_add_(1, word.expand_as(c), (c << shift) & 0xFFFFFFFF)
     acc.scatter_add_(1, (word + 1).expand_as(c), c >> (32 - shift))
     out = acc[:, :words]
-    out = torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)  # reinterpret as signed int32
-    return out.reshape(*lead, words)
+    return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)  # reinterpret as signed int32
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of pack_bits: int32 words [..., w] -> uint8 codes [..., n]."""
     *lead, w = packed.shape
-    p = packed.reshape(-1, w).to(torch.int64) & 0xFFFFFFFF
+    flat = packed.reshape(-1, w)
+    parts = [_unpack_rows(flat[a:b], bits, n) for a, b in _row_chunks(flat.shape[0], n)] or [_unpack_rows(flat, bits, n)]
+    return torch.cat(parts).reshape(*lead, n)
+
+
+def _unpack_rows(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    p = packed.to(torch.int64) & 0xFFFFFFFF
     p = torch.cat([p, torch.zeros(p.shape[0], 1, dtype=torch.int64)], dim=1)
     pos = torch.arange(n, dtype=torch.int64) * bits
     word, shift = pos // 32, pos % 32
     window = p[:, word] | (p[:, word + 1] << 32)  # 64-bit window holding the whole code
-    codes = (window >> shift) & ((1 << bits) - 1)
-    return codes.to(torch.uint8).reshape(*lead, n)
+    return ((window >> shift) & ((1 << bits) - 1)).to(torch.uint8)

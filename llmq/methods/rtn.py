@@ -35,7 +35,7 @@ def grid_params(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, sym: bool):
 
 def quantize_to_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     """Codes (as float) for w on the grid scale*(q - zero), broadcasting scale/zero against w."""
-    return torch.clamp(torch.round(w / scale) + zero, 0, (1 << bits) - 1)
+    return torch.div(w, scale).round_().add_(zero).clamp_(0, (1 << bits) - 1)
 
 
 def _group_ranges(w: torch.Tensor, group_size: int):

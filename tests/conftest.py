@@ -36,6 +36,17 @@ def make_tiny_llama(folder: Path, layers: int = 3, hidden: int = 96, inter: int 
     return folder
 
 
+def tensors_of(folder: Path) -> dict:
+    """Every tensor of a checkpoint folder, by name."""
+    from safetensors import safe_open
+
+    out = {}
+    for p in sorted(folder.glob("*.safetensors")):
+        with safe_open(p, framework="pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "model")

@@ -7,7 +7,6 @@ import sys
 
 import pytest
 import torch
-from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
@@ -19,6 +18,8 @@ from llmq.inspect_ckpt import inspect_checkpoint
 from llmq.modules import LlmqLinear
 from llmq.recipe import Recipe
 
+from conftest import tensors_of
+
 runner = CliRunner()
 
 
@@ -27,12 +28,6 @@ def cli(*args):
     return r
 
 
-def tensors_of(folder):
-    out = {}
-    for p in sorted(folder.glob("*.safetensors")):
-        with safe_open(p, framework="pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
 
 
 @pytest.fixture(scope="module")

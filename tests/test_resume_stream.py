@@ -8,18 +8,11 @@ import sys
 
 import pytest
 import torch
-from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import SMOLLM, make_tiny_llama
+from conftest import SMOLLM, make_tiny_llama, tensors_of
 
 
-def tensors_of(folder):
-    out = {}
-    for p in sorted(folder.glob("*.safetensors")):
-        with safe_open(p, framework="pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
 
 
 def quantize(model, out, kill_after=None):

@@ -50,11 +50,12 @@ def _progress() -> Progress:
 def quantize(
     model: Annotated[str, typer.Argument(help="Unquantized model: local Hugging Face folder, hub id, or folder/file with one .gguf.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output folder (appears only when complete).")],
-    method: Annotated[Optional[str], typer.Option(help="Quantization method: rtn (default rtn).")] = None,
+    method: Annotated[Optional[str], typer.Option(help="Quantization method: rtn or gptq (default rtn).")] = None,
     bits: Annotated[Optional[int], typer.Option(help="Bits per weight code, 2-8 (default 4).")] = None,
     group_size: Annotated[Optional[int], typer.Option(help="Input features per scale group; 0 = per output channel (default 128). A group size that does not divide a row gives a shorter last group.")] = None,
     sym: Annotated[Optional[bool], typer.Option("--sym/--asym", help="Symmetric grid (no zero point) or asymmetric (default: symmetric).")] = None,
     mse_clip: Annotated[Optional[bool], typer.Option("--mse-clip/--no-mse-clip", help="Search a clipped range per group minimising squared error (default off).")] = None,
+    act_order: Annotated[Optional[bool], typer.Option("--act-order/--no-act-order", help="GPTQ: quantize columns in decreasing Hessian-diagonal order, with static groups (default off).")] = None,
     rotate: Annotated[str, typer.Option(help="Rotation before quantization: none.")] = "none",
     recipe: Annotated[Optional[Path], typer.Option(help="YAML recipe (defaults plus per-layer regex overrides); flags given here override its defaults.")] = None,
     calib: Annotated[str, typer.Option(help="Calibration data: c4, wikitext2, none, hf:NAME[:CONFIG[:SPLIT]], or a local .txt/.jsonl/.parquet file.")] = "c4",
@@ -76,6 +77,8 @@ def quantize(
     for key, val in (("method", method), ("bits", bits), ("group_size", group_size), ("sym", sym), ("mse_clip", mse_clip)):
         if val is not None:
             setattr(r.default, key, val)
+    if act_order is not None:
+        r.default.options["act_order"] = act_order
     r.rotate = rotate if rotate != "none" or recipe is None else r.rotate
     job = QuantizeJob(model=model, out=output, recipe=r, dtype=dtype, batch_size=batch_size, overwrite=overwrite,
                       calib=CalibConfig(source=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, data_dir=data_dir))

@@ -13,7 +13,7 @@ from .formats import FORMAT_VERSION
 from .hf import LlmqConfig, LlmqHfQuantizer
 from .methods import METHODS
 from .modules import LlmqLinear, set_submodule
-from .quantize_block import collect_hessians, install_quantized, quantize_block
+from .quantize_block import Calibration, install_quantized, quantize_block
 from .recipe import METHOD_NONE, Recipe
 
 
@@ -33,8 +33,8 @@ def quantize_(model, recipe: Recipe | None = None, calib_ids: torch.Tensor | Non
     layers, rows = {}, []
     for i, block in enumerate(blocks):
         prefix = adapter.block_prefix(i)
-        hess = collect_hessians(block, adapter, hidden, pos_emb, batch_size) if hidden is not None else None
-        tensors, cfgs, block_rows = quantize_block(block, prefix, adapter, recipe, hess, dtype)
+        calib = Calibration(hidden, pos_emb, batch_size) if hidden is not None else None
+        tensors, cfgs, block_rows = quantize_block(block, prefix, adapter, recipe, dtype, calib)
         install_quantized(block, prefix, tensors, cfgs)
         if hidden is not None:
             hidden = forward_block(block, hidden, pos_emb, batch_size)

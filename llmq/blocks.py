@@ -11,16 +11,25 @@ from torch import nn
 from .adapters import DecoderAdapter
 
 
-def forward_block(block: nn.Module, hidden: torch.Tensor, position_embeddings, batch_size: int = 1) -> torch.Tensor:
-    """hidden [n, L, d] -> [n, L, d], `batch_size` sequences at a time, causal attention (sdpa, no mask)."""
+class StopForward(Exception):
+    """Raised by a hook that has seen what it needed; ends that batch's pass through the block."""
+
+
+def forward_block(block: nn.Module, hidden: torch.Tensor, position_embeddings, batch_size: int = 1, keep_output: bool = True):
+    """hidden [n, L, d] -> [n, L, d], `batch_size` sequences at a time, causal attention (sdpa, no mask).
+    With keep_output=False the pass only feeds hooks (which may stop it early) and returns None."""
     seqlen = hidden.shape[1]
     pos = torch.arange(seqlen).unsqueeze(0)
-    out = torch.empty_like(hidden)
+    out = torch.empty_like(hidden) if keep_output else None
     with torch.no_grad():
         for s in range(0, hidden.shape[0], batch_size):
             h = hidden[s : s + batch_size]
-            y = block(h, attention_mask=None, position_ids=pos, position_embeddings=position_embeddings, use_cache=False)
-            out[s : s + batch_size] = y[0] if isinstance(y, tuple) else y
+            try:
+                y = block(h, attention_mask=None, position_ids=pos, position_embeddings=position_embeddings, use_cache=False)
+            except StopForward:
+                continue
+            if keep_output:
+                out[s : s + batch_size] = y[0] if isinstance(y, tuple) else y
     return out
 
 

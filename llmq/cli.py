@@ -56,6 +56,7 @@ def quantize(
     sym: Annotated[Optional[bool], typer.Option("--sym/--asym", help="Symmetric grid (no zero point) or asymmetric (default: symmetric).")] = None,
     mse_clip: Annotated[Optional[bool], typer.Option("--mse-clip/--no-mse-clip", help="Search a clipped range per group minimising squared error (default off).")] = None,
     act_order: Annotated[Optional[bool], typer.Option("--act-order/--no-act-order", help="GPTQ: quantize columns in decreasing Hessian-diagonal order, with static groups (default off).")] = None,
+    true_sequential: Annotated[Optional[bool], typer.Option("--true-sequential/--block-sequential", help="Re-collect each linear group's inputs after the groups before it in the block are quantized (default: block at a time).")] = None,
     rotate: Annotated[str, typer.Option(help="Rotation before quantization: none.")] = "none",
     recipe: Annotated[Optional[Path], typer.Option(help="YAML recipe (defaults plus per-layer regex overrides); flags given here override its defaults.")] = None,
     calib: Annotated[str, typer.Option(help="Calibration data: c4, wikitext2, none, hf:NAME[:CONFIG[:SPLIT]], or a local .txt/.jsonl/.parquet file.")] = "c4",
@@ -77,6 +78,8 @@ def quantize(
     for key, val in (("method", method), ("bits", bits), ("group_size", group_size), ("sym", sym), ("mse_clip", mse_clip)):
         if val is not None:
             setattr(r.default, key, val)
+    if true_sequential is not None:
+        r.true_sequential = true_sequential
     if act_order is not None:
         r.default.options["act_order"] = act_order
     r.rotate = rotate if rotate != "none" or recipe is None else r.rotate

@@ -38,7 +38,7 @@ from .calib import CalibConfig, calibration_ids
 from .errors import InputError
 from .formats import FORMAT_VERSION
 from .hf import QUANT_METHOD
-from .quantize_block import collect_hessians, install_quantized, quantize_block
+from .quantize_block import Calibration, install_quantized, quantize_block
 from .recipe import METHOD_NONE, Recipe
 from .source import ModelSource
 
@@ -180,9 +180,9 @@ def _quantize_blocks(job, source, adapter, factory, recipe, ids, work, out_dtype
             del state
             if hasattr(tensors_src, "release"):
                 tensors_src.release(prefix)
-            hess = collect_hessians(block, adapter, hidden, pos_emb, job.batch_size) if hidden is not None else None
-            tensors, layer_cfgs, block_rows = quantize_block(block, prefix, adapter, recipe, hess, out_dtype)
-            del block, hess
+            calib = Calibration(hidden, pos_emb, job.batch_size) if hidden is not None else None
+            tensors, layer_cfgs, block_rows = quantize_block(block, prefix, adapter, recipe, out_dtype, calib)
+            del block, calib
             (work / f"report-{i:05d}.json").write_text(json.dumps(block_rows))
             save_atomic(tensors, shard, metadata={"llmq_layers": json.dumps(layer_cfgs)})
         if hidden is not None:

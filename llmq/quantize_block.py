@@ -5,39 +5,53 @@ report the error each layer makes. Used by both the streaming pipeline and in-me
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .adapters import DecoderAdapter
-from .blocks import forward_block
+from .blocks import StopForward, forward_block
 from .formats import get_format
 from .methods import METHODS
 from .modules import LlmqLinear, set_submodule
 from .recipe import METHOD_NONE, Recipe
 
 
-def collect_hessians(block: nn.Module, adapter: DecoderAdapter, hidden: torch.Tensor, pos_emb, batch_size: int):
-    """H per linear-input group (keyed by the group's first layer), from the block's fp forward pass."""
-    sums, counts, hooks = {}, {}, []
-    for group in adapter.linear_groups:
-        key = group[0]
+@dataclass
+class Calibration:
+    """The calibration samples as they enter a block."""
 
-        def hook(_mod, args, _out, key=key):
+    hidden: torch.Tensor  # [n, seqlen, d]
+    position_embeddings: tuple
+    batch_size: int = 1
+
+
+def collect_hessians(block: nn.Module, adapter: DecoderAdapter, calib: Calibration, groups=None) -> dict:
+    """H = 2/N Σ x xᵀ for the inputs of each group of linear layers (one H per group, shared by its layers),
+    from a forward pass of the block as it is now; the pass stops once the last wanted group has its input."""
+    groups = groups or adapter.linear_groups
+    sums, counts, hooks = {}, {}, []
+    for gi, group in enumerate(groups):
+        key, last = group[0], gi == len(groups) - 1
+
+        def hook(_mod, args, key=key, last=last):
             x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float32)
             if key not in sums:  # accumulate in place: H is the largest tensor here (in² floats)
                 sums[key], counts[key] = torch.zeros(x.shape[1], x.shape[1]), 0
             sums[key].addmm_(x.T, x)
             counts[key] += x.shape[0]
+            if last:
+                raise StopForward
 
-        hooks.append(block.get_submodule(key).register_forward_hook(hook))
+        hooks.append(block.get_submodule(key).register_forward_pre_hook(hook))
     try:
-        forward_block(block, hidden, pos_emb, batch_size)
+        forward_block(block, calib.hidden, calib.position_embeddings, calib.batch_size, keep_output=False)
     finally:
         for h in hooks:
             h.remove()
     hess = {}
-    for group in adapter.linear_groups:
+    for group in groups:
         H = sums[group[0]].mul_(2.0 / counts[group[0]])
         for name in group:
             hess[name] = H
@@ -56,12 +70,22 @@ def packed_bits_per_weight(tensors: dict[str, torch.Tensor], cfg: dict) -> float
     return 8.0 * nbytes / (cfg["in_features"] * cfg["out_features"])
 
 
-def quantize_block(block: nn.Module, prefix: str, adapter: DecoderAdapter, recipe: Recipe, hessians: dict | None, out_dtype: torch.dtype):
-    """Quantize the linear layers of `block` (fp32, in place untouched). Returns (tensors to write, with
-    full names; {layer name: layer config}; report rows)."""
+def quantize_block(block: nn.Module, prefix: str, adapter: DecoderAdapter, recipe: Recipe, out_dtype: torch.dtype,
+                   calib: Calibration | None = None):
+    """Quantize the linear layers of `block` (fp32). Returns (tensors to write, with full names;
+    {layer name: layer config}; report rows). The block is consumed: its fp linear weights are dropped.
+
+    Block-at-a-time (default): every layer's H comes from the unquantized block. True-sequential
+    (`recipe.true_sequential`): q/k/v, then o, then gate/up, then down, each group's H re-collected with
+    the groups before it already quantized, so later layers see (and compensate) earlier layers' error."""
     tensors, layer_cfgs, rows = {}, {}, []
     quantized_params = set()
-    for name in adapter.linears:
+    sequential = recipe.true_sequential and calib is not None
+    hessians = collect_hessians(block, adapter, calib) if calib is not None and not sequential else None
+    for name in (n for group in adapter.linear_groups for n in group):
+        if sequential and name in (g[0] for g in adapter.linear_groups):
+            group = next(g for g in adapter.linear_groups if g[0] == name)
+            hessians = collect_hessians(block, adapter, calib, groups=[group])
         full = prefix + name
         lin = block.get_submodule(name)
         spec = recipe.spec_for(full)
@@ -89,7 +113,11 @@ def quantize_block(block: nn.Module, prefix: str, adapter: DecoderAdapter, recip
         weight_err = float((w - deq).pow_(2).sum() / w.pow(2).sum().clamp_min(1e-30))
         output_err = relative_output_error(w, deq, H) if H is not None else None
         del w, deq
-        lin.weight = None  # the fp weight is no longer needed; free it before the next (larger) layer
+        if sequential:  # later groups must see this layer's quantized output
+            bias = None if lin.bias is None else lin.bias.detach().to(torch.float32)
+            set_submodule(block, name, LlmqLinear.from_packed(cfg, packed, bias))
+        else:
+            lin.weight = None  # the fp weight is no longer needed; free it before the next (larger) layer
         rows.append({
             "layer": full,
             "method": spec.method,
@@ -102,7 +130,7 @@ def quantize_block(block: nn.Module, prefix: str, adapter: DecoderAdapter, recip
             "seconds": time.perf_counter() - t0,
         })
     for pname, p in block.state_dict().items():
-        if pname not in quantized_params:
+        if pname not in quantized_params and pname.rsplit(".", 1)[0] not in {n[len(prefix):] for n in layer_cfgs}:
             if not torch.isfinite(p).all():
                 from .errors import InputError
 

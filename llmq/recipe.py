@@ -61,6 +61,7 @@ class Recipe:
     default: LayerSpec = field(default_factory=LayerSpec)
     overrides: list[dict] = field(default_factory=list)
     rotate: str = "none"
+    true_sequential: bool = False  # re-collect each linear group's inputs after the groups before it are quantized
 
     def spec_for(self, module_name: str) -> LayerSpec:
         spec = dataclasses.replace(self.default, options=dict(self.default.options))
@@ -93,6 +94,7 @@ class Recipe:
         d = dataclasses.asdict(self.default)
         d["overrides"] = [dict(o) for o in self.overrides]
         d["rotate"] = self.rotate
+        d["true_sequential"] = self.true_sequential
         return d
 
     @classmethod
@@ -100,12 +102,13 @@ class Recipe:
         d = dict(d or {})
         overrides = d.pop("overrides", []) or []
         rotate = d.pop("rotate", "none")
+        true_sequential = bool(d.pop("true_sequential", False))
         unknown = set(d) - _SPEC_FIELDS
         if unknown:
             raise InputError(f"recipe: unknown keys {sorted(unknown)}")
         if not isinstance(overrides, list):
             raise InputError("recipe: 'overrides' must be a list")
-        return cls(default=LayerSpec(**d), overrides=overrides, rotate=rotate)
+        return cls(default=LayerSpec(**d), overrides=overrides, rotate=rotate, true_sequential=true_sequential)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "Recipe":

@@ -11,9 +11,8 @@ from .adapters import adapter_for
 from .blocks import forward_block
 from .formats import FORMAT_VERSION
 from .hf import LlmqConfig, LlmqHfQuantizer
-from .methods import METHODS
 from .modules import LlmqLinear, set_submodule
-from .quantize_block import Calibration, install_quantized, quantize_block
+from .quantize_block import Calibration, install_quantized, quantize_block, quantize_head
 from .recipe import METHOD_NONE, Recipe
 
 
@@ -42,10 +41,9 @@ def quantize_(model, recipe: Recipe | None = None, calib_ids: torch.Tensor | Non
         rows.extend(block_rows)
     head_spec = recipe.spec_for(adapter.head)
     if head_spec.method != METHOD_NONE:
-        w = model.get_submodule(adapter.head).weight.float()
-        q = METHODS[head_spec.method].quantize(w, head_spec, None)
-        cfg = {"method": head_spec.method, **q.layer_config()}
-        set_submodule(model, adapter.head, LlmqLinear.from_packed(cfg, q.pack()))
+        packed, cfg = quantize_head(model.get_submodule(adapter.head).weight, head_spec)
+        packed.pop("weight")
+        set_submodule(model, adapter.head, LlmqLinear.from_packed(cfg, packed))
         layers[adapter.head] = cfg
         model.config.tie_word_embeddings = False
     qc = LlmqConfig(format_version=FORMAT_VERSION, layers=layers, recipe=recipe.to_dict())

@@ -38,7 +38,7 @@ from .calib import CalibConfig, calibration_ids
 from .errors import InputError
 from .formats import FORMAT_VERSION
 from .hf import QUANT_METHOD
-from .quantize_block import Calibration, install_quantized, quantize_block
+from .quantize_block import Calibration, install_quantized, quantize_block, quantize_head
 from .recipe import METHOD_NONE, Recipe
 from .source import ModelSource
 
@@ -222,17 +222,12 @@ def _writes_head(adapter, recipe, tensors_src, config) -> bool:
 
 def _head_tensors(adapter, recipe, tensors_src, tied, out_dtype) -> tuple[dict, dict | None]:
     """The head's tensors to write and, if the recipe quantizes it, its layer config."""
-    from .methods import METHODS
-
     key = adapter.head + ".weight"
     spec = recipe.spec_for(adapter.head)
     if spec.method == METHOD_NONE:
         return ({key: tensors_src.get(key).to(out_dtype)} if key in tensors_src.keys() and not tied else {}), None
-    w = tensors_src.get(key if key in tensors_src.keys() else adapter.embed + ".weight").to(torch.float32)
-    q = METHODS[spec.method].quantize(w, spec, None)
-    tensors = {f"{adapter.head}.{k}": v for k, v in q.pack().items()}
-    tensors[key] = torch.zeros(0, dtype=torch.float16)  # placeholder, see llmq.hf
-    return tensors, {"method": spec.method, **q.layer_config()}
+    packed, cfg = quantize_head(tensors_src.get(key if key in tensors_src.keys() else adapter.embed + ".weight"), spec)
+    return {f"{adapter.head}.{k}": v for k, v in packed.items()}, cfg
 
 
 def _write_metadata(job, source, work, layers, n_shards, tied, out_dtype) -> None:

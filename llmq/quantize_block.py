@@ -139,6 +139,14 @@ def quantize_block(block: nn.Module, prefix: str, adapter: DecoderAdapter, recip
     return tensors, layer_cfgs, rows
 
 
+def quantize_head(w: torch.Tensor, spec) -> tuple[dict, dict]:
+    """The LM head (no calibration statistics): its packed tensors, with the placeholder, and layer config."""
+    q = METHODS[spec.method].quantize(w.to(torch.float32), spec, None)
+    packed = q.pack()
+    packed["weight"] = torch.zeros(0, dtype=torch.float16)  # placeholder, see llmq.hf
+    return packed, {"method": spec.method, **q.layer_config()}
+
+
 def install_quantized(block: nn.Module, prefix: str, tensors: dict, layer_cfgs: dict) -> nn.Module:
     """Make `block` compute what the checkpoint says: LlmqLinear for quantized layers, the written (possibly
     down-cast) values for everything else. The same code serves a fresh run and a resumed one."""

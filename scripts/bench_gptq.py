@@ -93,7 +93,7 @@ def main():
         common = ["--bits", bits, "--group-size", a.group_size, "--sym", "--calib", "c4", "--nsamples", a.nsamples, "--seqlen", a.seqlen, "--seed", 0]
         for method in ("gptq", "rtn"):
             out = a.work / f"llmq-{method}-w{bits}g{a.group_size}"
-            t = timed(["llmq", "quantize", fp_dir, "-o", out, "--method", method, *common, "--overwrite"], env)
+            t = timed([sys.executable, "-m", "llmq.cli", "quantize", fp_dir, "-o", out, "--method", method, *common, "--overwrite"], env)
             row[f"llmq_{method}"] = {"seconds": t["seconds"], "peak_rss_bytes": t["peak_rss_bytes"], **ppl_of(out, tok, a.limit)}
         if not a.skip_peer:
             pj = a.work / f"peer-w{bits}.json"

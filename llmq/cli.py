@@ -95,8 +95,10 @@ def _print_quantize_summary(report: dict, output: Path, verbose: bool) -> None:
     info = inspect_checkpoint(str(output))
     rows = report["layers"]
     has_out = any(r["output_err"] is not None for r in rows)
+    has_rtn = any(r.get("rtn_output_err") is not None for r in rows)
     t = Table(title=f"llmq quantize -> {output}")
-    for col in ["layer" if verbose else "layer type", "layers", "method", "bits", "group", "bits/weight", "weight err", "output err" if has_out else None, "time (s)"]:
+    for col in ["layer" if verbose else "layer type", "layers", "method", "bits", "group", "bits/weight", "weight err", "output err" if has_out else None,
+                "RTN output err" if has_rtn else None, "time (s)"]:
         if col:
             t.add_column(col, justify="left" if col.startswith("layer") and col != "layers" else "right")
     groups = defaultdict(list)
@@ -109,10 +111,14 @@ def _print_quantize_summary(report: dict, output: Path, verbose: bool) -> None:
                  f"{mean('bpw'):.3f}", f"{mean('weight_err'):.2e}"]
         if has_out:
             cells.append(f"{mean('output_err'):.2e}")
+        if has_rtn:
+            cells.append(f"{mean('rtn_output_err'):.2e}" if all(r.get("rtn_output_err") is not None for r in rs) else "-")
         cells.append(f"{sum(r['seconds'] for r in rs):.1f}")
         t.add_row(*cells)
     out.print(t)
     err_note = "weight err = ‖W−Q‖²/‖W‖²" + ("; output err = ‖WX−QX‖²/‖WX‖² on the calibration inputs" if has_out else "")
+    if has_rtn:
+        err_note += "; RTN output err = the same for round-to-nearest on the same layer, inputs and grid"
     out.print(f"{'mean over layers of each type; ' if not verbose else ''}{err_note}")
     out.print(
         f"quantized linear layers: {info['quantized_bytes']:,} B for {info['quantized_weights']:,} weights = "

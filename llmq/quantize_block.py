@@ -112,6 +112,9 @@ def quantize_block(block: nn.Module, prefix: str, adapter: DecoderAdapter, recip
         layer_cfgs[full] = cfg
         weight_err = float((w - deq).pow_(2).sum() / w.pow(2).sum().clamp_min(1e-30))
         output_err = relative_output_error(w, deq, H) if H is not None else None
+        rtn_err = None  # the round-to-nearest baseline on the same layer and grid, for methods that use H
+        if H is not None and spec.method != "rtn" and cfg["format"] == "int":
+            rtn_err = relative_output_error(w, METHODS["rtn"].quantize(w, spec).dequantize(), H)
         del w, deq
         if sequential:  # later groups must see this layer's quantized output
             bias = None if lin.bias is None else lin.bias.detach().to(torch.float32)
@@ -127,6 +130,7 @@ def quantize_block(block: nn.Module, prefix: str, adapter: DecoderAdapter, recip
             "bpw": packed_bits_per_weight(packed, cfg),
             "weight_err": weight_err,
             "output_err": output_err,
+            "rtn_output_err": rtn_err,
             "seconds": time.perf_counter() - t0,
         })
     for pname, p in block.state_dict().items():

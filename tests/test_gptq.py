@@ -1,6 +1,8 @@
 """GPTQ: lower layer output error than RTN on the real model's layers; act-order checkpoints reload
 identically; numerical edge cases."""
 
+import json
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -65,6 +67,9 @@ def test_act_order_checkpoint_reloads_identically(tiny_model, tmp_path):
         assert torch.equal(loaded(x).logits, ref(x).logits)
         assert not torch.equal(loaded(x).logits, no_ao(x).logits)
     assert loaded.config.quantization_config.layers["model.layers.0.mlp.up_proj"]["method"] == "gptq"
+    rows = json.loads((out / "llmq_report.json").read_text())["layers"]  # per-layer GPTQ and RTN errors, stored
+    assert len(rows) == 21 and sum(r["output_err"] for r in rows) < sum(r["rtn_output_err"] for r in rows)
+    assert "RTN output err" in r.output
 
 
 def test_gptq_needs_calibration(tiny_model, tmp_path):

@@ -97,7 +97,7 @@ def main():
             row[f"llmq_{method}"] = {"seconds": t["seconds"], "peak_rss_bytes": t["peak_rss_bytes"], **ppl_of(out, tok, a.limit)}
         if not a.skip_peer:
             pj = a.work / f"peer-w{bits}.json"
-            subprocess.run([sys.executable, REPO / "scripts/peer_llmcompressor.py", fp_dir, calib_pt, bits, a.group_size, a.limit, pj],
+            subprocess.run([sys.executable, *map(str, (REPO / "scripts/peer_llmcompressor.py", fp_dir, calib_pt, bits, a.group_size, a.limit, pj))],
                            check=True, env=env, capture_output=True)
             p = json.loads(pj.read_text())
             row["llmcompressor_gptq"] = {"seconds": p["quant_seconds"], "peak_rss_bytes": p["peak_rss_bytes"], "ppl": p["ppl"], "protocol": p["protocol"]}

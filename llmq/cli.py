@@ -1,4 +1,4 @@
-"""`llmq` command line: quantize, eval, inspect."""
+"""`llmq` command line: quantize, eval, inspect, export."""
 
 from __future__ import annotations
 
@@ -203,6 +203,26 @@ def inspect(
     )
     if json_path:
         json_path.write_text(json.dumps(info, indent=2))
+
+
+@app.command()
+@guarded
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="An llmq checkpoint folder.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output folder (appears only when complete).")],
+    format: Annotated[str, typer.Option("--format", help="Target format: compressed-tensors (pack-quantized; symmetric 4/8-bit, group size dividing every input dimension, no act-order).")] = "compressed-tensors",
+    dtype: Annotated[str, typer.Option(help="dtype of the exported scales and unquantized tensors: auto (the checkpoint's), fp16, bf16, fp32.")] = "auto",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+):
+    """Convert an llmq checkpoint to a format that loads without llmq (transformers + compressed-tensors, vLLM)."""
+    from .export import EXPORT_FORMATS
+    from .export.compressed_tensors import export_compressed_tensors
+
+    if format not in EXPORT_FORMATS:
+        raise InputError(f"unknown export format {format!r} (choose from {', '.join(EXPORT_FORMATS)})")
+    s = export_compressed_tensors(checkpoint, output, dtype=dtype, overwrite=overwrite, log=lambda m: console.print(f"[dim]{m}[/dim]"))
+    out.print(f"exported {s['layers']} layers ({s['bits']}-bit, group {s['group_size'] or 'per channel'}, scales {s['scale_dtype']}) "
+              f"to {output} as compressed-tensors pack-quantized; {s['bytes']:,} B of tensors; not quantized: {', '.join(s['ignore']) or 'none'}")
 
 
 def main():

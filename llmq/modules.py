@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .formats import get_format
+from .kernels.dispatch import quant_linear
 
 
 class LlmqLinear(nn.Module):
@@ -30,8 +31,7 @@ class LlmqLinear(nn.Module):
         return self.format.dequantize(self.packed_tensors(), self.layer_config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.dequantize().to(x.dtype)
-        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        return quant_linear(x, self.packed_tensors(), self.layer_config, self.bias)  # Triton on CUDA, torch on CPU
 
     @classmethod
     def from_packed(cls, layer_config: dict, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None):

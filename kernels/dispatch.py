@@ -1,0 +1,58 @@
+"""One entry point per operation; picks the implementation from the tensors' device.
+
+    quant_linear(x, tensors, cfg, bias)   any llmq format: int -> int_matmul, others -> dequantize + F.linear
+    int_matmul(x, tensors, cfg, bias)     Triton on CUDA, the torch reference elsewhere
+
+`LLMQ_KERNELS=torch|triton|auto` overrides the choice (default auto). `triton` on CPU tensors needs
+`TRITON_INTERPRET=1` set before anything imports triton (that is how the tests run the kernels in CI).
+Triton is imported lazily, so CPU use never pays for it and never fails for lack of a GPU driver.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+
+from .reference import int_matmul_ref
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    choice = os.environ.get("LLMQ_KERNELS", "auto")
+    if choice == "torch" or x.dtype not in KERNEL_DTYPES:
+        return False
+    if choice == "triton":
+        return True
+    return x.is_cuda and triton_available()
+
+
+def int_matmul(x: torch.Tensor, packed: dict[str, torch.Tensor], cfg: dict, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ Wᵀ (+ bias) for an int-format layer, without materialising W on the Triton path."""
+    if use_triton(x):
+        from .intq_triton import int_matmul_triton
+
+        return int_matmul_triton(x, packed, cfg, bias)
+    return int_matmul_ref(x, packed, cfg, bias)
+
+
+def quant_linear(x: torch.Tensor, packed: dict[str, torch.Tensor], cfg: dict, bias: torch.Tensor | None = None) -> torch.Tensor:
+    if cfg["format"] == "int":
+        return int_matmul(x, packed, cfg, bias)
+    from llmq.formats import get_format
+
+    w = get_format(cfg["format"]).dequantize(packed, cfg).to(x.dtype)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+

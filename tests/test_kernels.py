@@ -1,0 +1,111 @@
+"""Triton dequant-matmul kernels under the interpreter (CPU) against the torch reference, and the reference
+against a float64 product built straight from the unpacked codes.
+
+TRITON_INTERPRET must be set before triton is imported; shapes are tiny because the interpreter is ~100x
+slower than torch. N and K are never multiples of the tiles (masks), group sizes include ones that do not
+divide K (shorter last group), per-channel, and one larger than K.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from llmq.formats.intq import IntQuantized, n_groups  # noqa: E402
+from llmq.kernels.reference import dequantize_int, int_matmul_ref  # noqa: E402
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set", allow_module_level=True)
+
+from llmq.kernels.intq_triton import int_matmul_triton  # noqa: E402
+
+
+def make_layer(n, k, bits, gs, sym, act_order, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    G = n_groups(k, gs)
+    codes = torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8, generator=g)
+    scales = (torch.rand(n, G, generator=g) * 0.02 + 0.005).half()
+    zeros = None if sym else torch.randint(0, 1 << bits, (n, G), dtype=torch.uint8, generator=g)
+    g_idx = None
+    if act_order:  # static groups visited in a permuted column order, as GPTQ act-order stores them
+        g_idx = (torch.arange(k) // (gs or k))[torch.randperm(k, generator=g)].to(torch.int32)
+    return IntQuantized(codes, scales, zeros, bits, gs, g_idx)
+
+
+def dense_f64(q: IntQuantized) -> torch.Tensor:
+    k = q.codes.shape[1]
+    gi = q.g_idx.long() if q.g_idx is not None else torch.arange(k) // (q.group_size or k)
+    z = q.zeros.double()[:, gi] if q.zeros is not None else 2.0 ** (q.bits - 1)
+    return (q.codes.double() - z) * q.scales.double()[:, gi]
+
+
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # relative to max |y|: about one ulp of the output dtype
+
+CASES = [
+    # M, N, K, bits, group, sym, act_order, dtype      (M=1: GEMV; 2..16: decode dot; >16: prefill GEMM)
+    (1, 40, 200, 4, 64, True, False, torch.float16),  # 200 = 3·64 + 8: shorter last group; tile == group
+    (3, 40, 200, 3, 64, False, True, torch.float16),  # 3-bit codes straddle words; act-order; asym
+    (20, 33, 130, 8, 32, False, False, torch.float16),  # prefill, groups smaller than the K tile
+    (1, 33, 96, 2, 0, True, False, torch.bfloat16),  # per-channel
+    (5, 33, 96, 2, 48, True, False, torch.bfloat16),
+    (20, 24, 100, 3, 128, True, False, torch.bfloat16),  # group larger than K = one group
+    (17, 19, 72, 4, 32, False, True, torch.bfloat16),  # prefill + act-order + asym
+    (2, 48, 136, 4, 128, False, False, torch.float16),  # 136 = 128 + 8
+]
+
+
+@pytest.mark.parametrize("m,n,k,bits,gs,sym,act,dtype", CASES)
+def test_triton_matches_reference(m, n, k, bits, gs, sym, act, dtype):
+    q = make_layer(n, k, bits, gs, sym, act)
+    t, cfg = q.pack(), q.layer_config()
+    assert torch.equal(dequantize_int(t, cfg).double(), dense_f64(q))  # the reference decodes the codes exactly
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(1)).to(dtype)
+    ref = int_matmul_ref(x, t, cfg)
+    y = int_matmul_triton(x, t, cfg)
+    assert y.dtype == dtype and y.shape == (m, n)
+    scale = ref.float().abs().max().item()
+    err = (y.float() - ref.float()).abs().max().item()
+    assert err <= TOL[dtype] * scale, f"max err {err:.3e} vs max |y| {scale:.3e}"
+    # ...and the reference is the float64 product to within the activation dtype's rounding
+    exact = x.double() @ dense_f64(q).T
+    assert (ref.double() - exact).abs().max().item() <= 2 * TOL[dtype] * exact.abs().max().item()
+    if act:  # the comparison can fail: ignoring the group index gives a clearly different result
+        wrong = dict(t)
+        del wrong["g_idx"]
+        y_wrong = int_matmul_ref(x, wrong, {**cfg, "act_order": False})
+        assert (y_wrong.float() - ref.float()).abs().max().item() > 10 * TOL[dtype] * scale
+
+
+def test_split_k_prefill_bias_and_leading_dims():
+    q = make_layer(24, 150, 4, 64, True, False, seed=3)
+    t, cfg = q.pack(), q.layer_config()
+    x = torch.randn(2, 9, 150, generator=torch.Generator().manual_seed(2)).half()
+    bias = torch.randn(24)
+    ref = int_matmul_ref(x, t, cfg, bias)
+    y = int_matmul_triton(x, t, cfg, bias, config={"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 3})
+    assert y.shape == (2, 9, 24)
+    assert (y.float() - ref.float()).abs().max().item() <= TOL[torch.float16] * ref.float().abs().max().item()
+
+
+def test_llmq_linear_dispatch(monkeypatch):
+    """LlmqLinear.forward goes through the dispatcher: torch on CPU by default, Triton when forced."""
+    from llmq.modules import LlmqLinear
+
+    q = make_layer(40, 200, 4, 64, True, False, seed=5)
+    mod = LlmqLinear.from_packed(q.layer_config(), q.pack())
+    x = torch.randn(1, 3, 200).half()
+    expect = torch.nn.functional.linear(x, q.dequantize().half())
+    monkeypatch.setenv("LLMQ_KERNELS", "torch")
+    assert torch.equal(mod(x), expect)
+    import llmq.kernels.intq_triton as kt
+
+    calls = []
+    orig = kt.int_matmul_triton
+    monkeypatch.setattr(kt, "int_matmul_triton", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    monkeypatch.setenv("LLMQ_KERNELS", "triton")
+    y = mod(x)
+    assert calls and (y.float() - expect.float()).abs().max().item() <= TOL[torch.float16] * expect.float().abs().max().item()

@@ -44,14 +44,24 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+MAGIC = tl.constexpr(0x4B000000)  # the fp32 bit pattern of 2^23: (MAGIC | c) reinterpreted is exactly 2^23 + c for 0 <= c < 2^23
+MAGIC_F = tl.constexpr(8388608.0)
+
+
 @triton.jit
-def _dequant_tile(c, kk, kmask, offs_n, n_mask, s_ptr, z_ptr, g_ptr, stride_s, stride_z, s_vec, z_vec,
+def _codes_minus_zero(c, zf):
+    """c - z in fp32 for integer codes c, with zf = z + 2^23: an OR and a subtraction instead of a slow int->float
+    conversion (both results are exact small integers)."""
+    return (c | MAGIC).to(tl.float32, bitcast=True) - zf
+
+
+@triton.jit
+def _dequant_tile(c, kk, kmask, offs_n, n_mask, s_ptr, z_ptr, g_ptr, stride_s, stride_z, s_vec, zf_vec,
                   BITS: tl.constexpr, GS: tl.constexpr, ACT_ORDER: tl.constexpr, HAS_ZERO: tl.constexpr,
                   GROUP_CONST: tl.constexpr):
-    """codes c [BN, BKx] (int) for input columns kk [BKx] -> fp32 weights [BN, BKx]."""
-    c = c.to(tl.float32)
+    """codes c [BN, BKx] (int32) for input columns kk [BKx] -> fp32 weights [BN, BKx]."""
     if GROUP_CONST:
-        w = (c - z_vec[:, None]) * s_vec[:, None]
+        w = _codes_minus_zero(c, zf_vec[:, None]) * s_vec[:, None]
     else:
         if ACT_ORDER:
             g = tl.load(g_ptr + kk, mask=kmask, other=0)
@@ -63,24 +73,10 @@ def _dequant_tile(c, kk, kmask, offs_n, n_mask, s_ptr, z_ptr, g_ptr, stride_s, s
         s = tl.load(s_ptr + offs_n[:, None] * stride_s + g[None, :], mask=m2, other=0.0).to(tl.float32)
         if HAS_ZERO:
             z = tl.load(z_ptr + offs_n[:, None] * stride_z + g[None, :], mask=m2, other=0).to(tl.float32)
-            w = (c - z) * s
+            w = _codes_minus_zero(c, z + MAGIC_F) * s
         else:
-            w = (c - (1 << (BITS - 1))) * s
+            w = _codes_minus_zero(c, MAGIC_F + (1 << (BITS - 1))) * s
     return w
-
-
-@triton.jit
-def _accumulate(acc, x_ptr, stride_xm, offs_m, m_mask, kk, kmask, w, BLOCK_M: tl.constexpr, DOT_FP32: tl.constexpr):
-    """acc [BM, BN] += x[offs_m, kk] @ w[:, kk]ᵀ, with w [BN, BKx] already in fp32."""
-    xk = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=m_mask[:, None] & kmask[None, :], other=0.0)
-    w = w.to(x_ptr.dtype.element_ty)  # round the weight to the activation dtype, as the reference does
-    if BLOCK_M == 1:  # GEMV: CUDA-core multiply and row reduction; products exact in fp32
-        acc += tl.sum(w.to(tl.float32) * xk.to(tl.float32), axis=1)[None, :]
-    elif DOT_FP32:
-        acc += tl.dot(xk.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
-    else:
-        acc += tl.dot(xk, tl.trans(w))
-    return acc
 
 
 @triton.jit
@@ -108,15 +104,20 @@ def _int_matmul_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
     n_mask = offs_n < N
+    FAST: tl.constexpr = 32 % BITS == 0  # no code straddles two words
+    P: tl.constexpr = 32 // BITS if FAST else 1  # codes per word (fast path)
+    KX: tl.constexpr = BLOCK_K // P  # columns handled per step
+    GEMV: tl.constexpr = BLOCK_M == 1
+    MASK: tl.constexpr = (1 << BITS) - 1
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_N, KX), dtype=tl.float32)  # GEMV: elementwise partial sums, reduced once at the end
 
     k_per = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K  # a multiple of BLOCK_K, so tiles align to groups
     k_start = pid_k * k_per
     k_end = tl.minimum(k_start + k_per, K)
-    MASK: tl.constexpr = (1 << BITS) - 1
     for k0 in range(k_start, k_end, BLOCK_K):
         s_vec = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        z_vec = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        zf_vec = tl.zeros((BLOCK_N,), dtype=tl.float32) + MAGIC_F
         if GROUP_CONST:  # the whole tile is in one group: one scale (and zero) per output row
             if GS == 0:
                 g0 = 0
@@ -124,40 +125,49 @@ def _int_matmul_kernel(
                 g0 = k0 // GS
             s_vec = tl.load(s_ptr + offs_n * stride_s + g0, mask=n_mask, other=0.0).to(tl.float32)
             if HAS_ZERO:
-                z_vec = tl.load(z_ptr + offs_n * stride_z + g0, mask=n_mask, other=0).to(tl.float32)
+                zf_vec += tl.load(z_ptr + offs_n * stride_z + g0, mask=n_mask, other=0).to(tl.float32)
             else:
-                z_vec += 1 << (BITS - 1)
-        if 32 % BITS == 0:
-            # Fast path: word j holds codes j*P .. j*P+P-1. One contiguous load of BLOCK_K/P words per row.
-            P: tl.constexpr = 32 // BITS
-            BKW: tl.constexpr = BLOCK_K // P
-            offs_w = k0 // P + tl.arange(0, BKW)
+                zf_vec += 1 << (BITS - 1)
+        tile = tl.zeros((BLOCK_N, KX), dtype=tl.float32)  # GEMV + one group per tile: Σ (c - z)·x, scaled once
+        if FAST:
+            # Word j holds codes j*P .. j*P+P-1: one contiguous load of BLOCK_K/P words per row.
+            offs_w = k0 // P + tl.arange(0, KX)
             words = tl.load(qw_ptr + offs_n[:, None] * stride_qn + offs_w[None, :],
                             mask=n_mask[:, None] & (offs_w < W)[None, :], other=0)
-            for i in tl.static_range(P):
-                kk = k0 + tl.arange(0, BKW) * P + i  # codes at sub-position i of each word
-                kmask = kk < K
+        for i in tl.static_range(P):
+            if FAST:
+                kk = k0 + tl.arange(0, KX) * P + i  # the codes at sub-position i of each word
                 c = (words >> (i * BITS)) & MASK  # arithmetic shift is harmless: i*BITS + BITS <= 32, then masked
-                w = _dequant_tile(c, kk, kmask, offs_n, n_mask, s_ptr, z_ptr, g_ptr, stride_s, stride_z, s_vec, z_vec,
-                                  BITS, GS, ACT_ORDER, HAS_ZERO, GROUP_CONST)
-                acc = _accumulate(acc, x_ptr, stride_xm, offs_m, m_mask, kk, kmask, w, BLOCK_M, DOT_FP32)
-        else:
-            # Generic path (codes straddle words): per code, a 64-bit window of its word and the next.
-            kk = k0 + tl.arange(0, BLOCK_K)
+            else:
+                # Codes straddle words: per code, its word and the next, funnelled together.
+                kk = k0 + tl.arange(0, KX)
+                bitpos = kk * BITS
+                shift = (bitpos % 32).to(tl.uint32)
+                m2 = n_mask[:, None] & (kk < K)[None, :]
+                ptrs = qw_ptr + offs_n[:, None] * stride_qn + (bitpos // 32)[None, :]
+                w0 = tl.load(ptrs, mask=m2, other=0).to(tl.uint32, bitcast=True)
+                spill = (shift + BITS) > 32
+                w1 = tl.load(ptrs + 1, mask=m2 & spill[None, :], other=0).to(tl.uint32, bitcast=True)
+                # w1 is 0 unless the code spills, so the (undefined for shift 0) left shift by 32 never matters.
+                c = (((w0 >> shift[None, :]) | (w1 << (32 - shift)[None, :])) & MASK).to(tl.int32)
             kmask = kk < K
-            bitpos = kk * BITS
-            word = bitpos // 32
-            shift = (bitpos % 32).to(tl.uint32)
-            m2 = n_mask[:, None] & kmask[None, :]
-            ptrs = qw_ptr + offs_n[:, None] * stride_qn + word[None, :]
-            w0 = tl.load(ptrs, mask=m2, other=0).to(tl.uint32, bitcast=True)
-            spill = (shift + BITS) > 32
-            w1 = tl.load(ptrs + 1, mask=m2 & spill[None, :], other=0).to(tl.uint32, bitcast=True)
-            # w1 is 0 unless the code spills, so the (undefined for shift 0) left shift by 32 never matters.
-            c = ((w0 >> shift[None, :]) | (w1 << (32 - shift)[None, :])) & MASK
-            w = _dequant_tile(c.to(tl.int32), kk, kmask, offs_n, n_mask, s_ptr, z_ptr, g_ptr, stride_s, stride_z,
-                              s_vec, z_vec, BITS, GS, ACT_ORDER, HAS_ZERO, GROUP_CONST)
-            acc = _accumulate(acc, x_ptr, stride_xm, offs_m, m_mask, kk, kmask, w, BLOCK_M, DOT_FP32)
+            xk = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=m_mask[:, None] & kmask[None, :], other=0.0)
+            if GEMV and GROUP_CONST:
+                tile += _codes_minus_zero(c, zf_vec[:, None]) * xk.to(tl.float32)
+            else:
+                w = _dequant_tile(c, kk, kmask, offs_n, n_mask, s_ptr, z_ptr, g_ptr, stride_s, stride_z, s_vec, zf_vec,
+                                  BITS, GS, ACT_ORDER, HAS_ZERO, GROUP_CONST)
+                if GEMV:  # CUDA cores; the fp32 weight is used unrounded (within the output dtype's tolerance)
+                    acc2 += w * xk.to(tl.float32)
+                elif DOT_FP32:
+                    w = w.to(x_ptr.dtype.element_ty).to(tl.float32)  # round as the reference does
+                    acc += tl.dot(xk.to(tl.float32), tl.trans(w), input_precision="ieee")
+                else:
+                    acc += tl.dot(xk, tl.trans(w.to(x_ptr.dtype.element_ty)))
+        if GEMV and GROUP_CONST:
+            acc += (tl.sum(tile, axis=1) * s_vec)[None, :]
+    if GEMV and not GROUP_CONST:
+        acc += tl.sum(acc2, axis=1)[None, :]
 
     o_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     o_mask = m_mask[:, None] & n_mask[None, :]

@@ -1,4 +1,4 @@
-"""Compile the int kernel for a GPU architecture without a GPU (Triton ships ptxas): catches what the
+"""Compile the int and Hadamard kernels for a GPU architecture without a GPU (Triton ships ptxas): catches what the
 interpreter accepts but the GPU compiler rejects (tl.dot shapes, non-constexpr globals, type errors).
 
     python -m llmq.kernels.compile_check [--arch 90]
@@ -40,6 +40,28 @@ def compile_variant(bits, gs, act, zero, bm, bn, bk, sk, dt, warps, stages, arch
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
 
 
+HADAMARD_VARIANTS = [  # (MP, P, has H_m, signs, inverse, dtype): 576 = 36·16, 1536 = 12·128, 4096, 14336 = 28·512
+    (64, 16, True, True, False, "fp16"), (16, 128, True, True, True, "bf16"), (1, 4096, False, True, False, "fp16"),
+    (32, 512, True, False, False, "bf16"),
+]
+
+
+def compile_hadamard(mp, p, has_h, has_s, inverse, dt, arch: int = 90):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from .hadamard_triton import hadamard_kernel
+
+    sig = {"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "s_ptr": "*fp32", "h_ptr": "*fp32", "m": "i32", "stride_x": "i32",
+           "stride_y": "i32", "scale": "fp32"}
+    consts = dict(MP=mp, P=p, LOG_P=p.bit_length() - 1, HAS_H=has_h, HAS_S=has_s, INVERSE=inverse)
+    sig.update({k: "constexpr" for k in consts})
+    names = list(sig)
+    src = ASTSource(hadamard_kernel, sig, constexprs={(names.index(k),): v for k, v in consts.items()})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4 if mp * p <= 4096 else 8})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", type=int, default=90)
@@ -49,6 +71,9 @@ def main() -> None:
     for v in VARIANTS:
         k = compile_variant(*v, arch=args.arch)
         print(f"ok sm_{args.arch} {v}: {k.metadata.shared} B shared memory", flush=True)
+    for v in HADAMARD_VARIANTS:
+        k = compile_hadamard(*v, arch=args.arch)
+        print(f"ok sm_{args.arch} hadamard {v}: {k.metadata.shared} B shared memory", flush=True)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     quant_linear(x, tensors, cfg, bias)   any llmq format: int -> int_matmul, others -> dequantize + F.linear
     int_matmul(x, tensors, cfg, bias)     Triton on CUDA, the torch reference elsewhere
+    hadamard_transform(x, hm, signs, inverse)   the fused online Hadamard transform of rotated layers (hadamard.py)
 
 `LLMQ_KERNELS=torch|triton|auto` overrides the choice (default auto). `triton` on CPU tensors needs
 `TRITON_INTERPRET=1` set before anything imports triton (that is how the tests run the kernels in CI).
@@ -56,3 +57,15 @@ def quant_linear(x: torch.Tensor, packed: dict[str, torch.Tensor], cfg: dict, bi
     w = get_format(cfg["format"]).dequantize(packed, cfg).to(x.dtype)
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
+
+
+def hadamard_transform(x: torch.Tensor, hm: torch.Tensor | None = None, signs: torch.Tensor | None = None,
+                       inverse: bool = False) -> torch.Tensor:
+    """T (s ⊙ x) (or s ⊙ Tᵀ x) on the last dim, T = (H_m ⊗ H_p)/√n: what a rotated layer applies around its matmul."""
+    if use_triton(x):
+        from .hadamard import hadamard_triton
+
+        return hadamard_triton(x, hm, signs, inverse)
+    from .hadamard import hadamard_ref
+
+    return hadamard_ref(x, hm, signs, inverse)

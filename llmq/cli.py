@@ -130,50 +130,52 @@ def _print_quantize_summary(report: dict, output: Path, verbose: bool) -> None:
 @app.command("eval")
 @guarded
 def eval_(
-    models: Annotated[list[str], typer.Argument(help="Models to evaluate: llmq checkpoints or unquantized models (folder, hub id, GGUF folder).")],
-    tasks: Annotated[str, typer.Option(help="Comma-separated tasks: wikitext2, c4.")] = "wikitext2",
-    seqlen: Annotated[int, typer.Option(help="Context length of each perplexity window.")] = 2048,
-    limit: Annotated[Optional[int], typer.Option(help="Score only the first N windows (quick comparisons).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 1,
+    models: Annotated[list[str], typer.Argument(help="Models to evaluate: llmq checkpoints or unquantized models (folder, hub id, GGUF folder); with --compare also results .json files from earlier runs.")],
+    tasks: Annotated[str, typer.Option(help="Comma-separated: wikitext2, c4 (perplexity), kl (needs --reference), piqa, arc_easy, arc_challenge, boolq, winogrande, lambada, hellaswag; 'zeroshot' = all zero-shot tasks but hellaswag.")] = "wikitext2",
+    seqlen: Annotated[int, typer.Option(help="Context length of each perplexity / KL window.")] = 2048,
+    stride: Annotated[Optional[int], typer.Option(help="Perplexity with sliding windows advancing by this many tokens (default: GPTQ protocol, non-overlapping windows).")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Per task: score only the first N windows (perplexity, KL) or items (zero-shot).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Perplexity / KL windows per forward pass.")] = 1,
+    batch_tokens: Annotated[int, typer.Option(help="Zero-shot: padded tokens per forward pass (requests sorted by length, shared contexts scored once).")] = 4096,
     dtype: Annotated[str, typer.Option(help="Compute dtype: fp32 or bf16.")] = "fp32",
-    data_dir: Annotated[Optional[str], typer.Option(help="Local data folder (layout of ../shared/data); default $LLMQ_DATA_DIR, else the hub.")] = None,
+    data_dir: Annotated[Optional[str], typer.Option(help="Local data folder (layout of ../shared/data); default $LLMQ_DATA_DIR, else the hub (perplexity only).")] = None,
+    task_data: Annotated[Optional[list[str]], typer.Option(help="TASK=FILE: read a zero-shot task from this file instead of the data folder (repeatable).")] = None,
+    reference: Annotated[Optional[str], typer.Option(help="Unquantized model for the kl task.")] = None,
+    kl_dataset: Annotated[str, typer.Option(help="Text whose windows the kl task scores: wikitext2 or c4.")] = "wikitext2",
+    kl_topk: Annotated[int, typer.Option(help="Reference log-probs cached per token (top-k plus a tail bucket).")] = 64,
+    kl_cache: Annotated[Optional[Path], typer.Option(help="Folder for cached reference log-probs (default $LLMQ_CACHE/kl or ~/.cache/llmq/kl).")] = None,
+    compare: Annotated[bool, typer.Option(help="Also print one row per model (metrics against bits per weight) and write a PNG plot.")] = False,
+    plot: Annotated[Optional[Path], typer.Option(help="PNG path for --compare (default llmq_compare.png).")] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write results, with the full protocol, to this JSON file.")] = None,
 ):
-    """Evaluate perplexity (GPTQ protocol) of one or more models; prints the protocol beside every number."""
-    import torch
+    """Evaluate perplexity, KL divergence to a reference and zero-shot accuracy of one or more models; prints the protocol beside every number."""
+    from llmq.eval.compare import compare_table, plot_compare, protocol_mismatches
+    from llmq.eval.runner import (EvalOptions, evaluate_model, load_results_json, markdown_results, meta, parse_task_data,
+                                  parse_tasks, validate)
 
-    from llmq.eval.perplexity import PPL_TASKS, perplexity
-
-    from .loading import load_causal_lm
-
-    task_list = [t.strip() for t in tasks.split(",") if t.strip()]
-    for t in task_list:
-        if t not in PPL_TASKS:
-            raise InputError(f"unknown task {t!r} (choose from {', '.join(PPL_TASKS)})")
-    if limit is not None and limit < 1:
-        raise InputError("--limit must be at least 1")
-    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(dtype)
-    if dt is None:
-        raise InputError(f"--dtype must be fp32 or bf16, got {dtype!r}")
-    results = {}
-    table = Table(title="llmq eval")
-    for col in ("model", "task", "ppl", "protocol", "time (s)"):
-        table.add_column(col, justify="right" if col in ("ppl", "time (s)") else "left")
+    opts = EvalOptions(tasks=parse_tasks(tasks), seqlen=seqlen, stride=stride, limit=limit, batch_size=batch_size,
+                       batch_tokens=batch_tokens, dtype=dtype, data_dir=data_dir, task_data=parse_task_data(task_data),
+                       reference=reference, kl_dataset=kl_dataset, kl_topk=kl_topk, kl_cache=kl_cache)
+    validate(opts)
+    results: dict = {}
     for m in models:
-        model, tok, kind = load_causal_lm(m, dt)
-        results[m] = {"kind": kind}
-        for t in task_list:
-            with _progress() as progress:
-                bar = {}
-                r = perplexity(model, tok, t, seqlen=seqlen, limit=limit, batch_size=batch_size, data=data_dir,
-                               on_start=lambda n: bar.setdefault("id", progress.add_task(f"{Path(m).name} {t}", total=n)),
-                               on_batch=lambda k: progress.advance(bar["id"], k))
-            results[m][t] = r.to_dict()
-            table.add_row(m, t, f"{r.ppl:.3f}", r.protocol(), f"{r.seconds:.0f}")
-        del model
-    out.print(table)
+        if compare and m.endswith(".json") and Path(m).is_file():
+            results.update(load_results_json(Path(m)))
+            continue
+        results[m] = evaluate_model(m, opts, _progress, log=lambda msg: console.print(f"[dim]{msg}[/dim]"))
+        if json_path:  # written after every model, so a long sweep keeps what it finished
+            json_path.write_text(json.dumps({"_meta": meta(opts), **results}, indent=2))
+    print(markdown_results(results))
+    if compare:
+        print()
+        print(compare_table(results))
+        bad = protocol_mismatches(results)
+        if bad:
+            print(f"warning: the protocol differs between models for {', '.join(bad)}: those numbers are not comparable")
+        png = plot_compare(results, plot or Path("llmq_compare.png"))
+        print(f"plot: {png}")
     if json_path:
-        json_path.write_text(json.dumps(results, indent=2))
+        json_path.write_text(json.dumps({"_meta": meta(opts), **results}, indent=2))
 
 
 @app.command()

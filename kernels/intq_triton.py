@@ -201,8 +201,8 @@ def _configs(mode: str, bits: int) -> list[triton.Config]:
         for bn in (32, 64, 128):
             for bk in (128, 256, 512):
                 for sk in (1, 2, 4, 8, 16):
-                    for warps in (4,) if bn * bk <= 8192 else (4, 8):
-                        cfgs.append(triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "GROUP_M": 1}, num_warps=warps, num_stages=2))
+                    warps = 4 if bn * bk <= 16384 else 8
+                    cfgs.append(triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "GROUP_M": 1}, num_warps=warps, num_stages=2))
         # keep the search small: typical winners have many programs in flight
         cfgs = [c for c in cfgs if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] in (8192, 16384, 32768)]
     elif mode == "decode":
@@ -215,6 +215,7 @@ def _configs(mode: str, bits: int) -> list[triton.Config]:
             (64, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (128, 128, 64, 8, 3),
             (64, 128, 128, 4, 3), (128, 128, 128, 8, 3), (128, 256, 64, 8, 3), (64, 256, 128, 8, 3),
             (128, 128, 256, 8, 2), (64, 64, 256, 4, 3), (128, 256, 128, 8, 2), (32, 64, 128, 4, 4),
+            (64, 128, 256, 4, 3), (128, 64, 256, 8, 2),
         ]:
             cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1, "GROUP_M": 8}, num_warps=warps, num_stages=stages))
     kmin = _min_block_k(bits, dot=mode != "gemv")

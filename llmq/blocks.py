@@ -4,8 +4,10 @@ each block's class and layout; a real rotary embedding gives the position embedd
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .adapters import DecoderAdapter
@@ -21,7 +23,7 @@ def forward_block(block: nn.Module, hidden: torch.Tensor, position_embeddings, b
     seqlen = hidden.shape[1]
     pos = torch.arange(seqlen).unsqueeze(0)
     out = torch.empty_like(hidden) if keep_output else None
-    with torch.no_grad():
+    with torch.no_grad(), dequantized_once(block):
         for s in range(0, hidden.shape[0], batch_size):
             h = hidden[s : s + batch_size]
             try:
@@ -31,6 +33,23 @@ def forward_block(block: nn.Module, hidden: torch.Tensor, position_embeddings, b
             if keep_output:
                 out[s : s + batch_size] = y[0] if isinstance(y, tuple) else y
     return out
+
+
+@contextmanager
+def dequantized_once(block: nn.Module):
+    """While many calibration samples pass through a block, each packed layer computes with its weight
+    dequantized once (the same values its packed matmul uses) instead of unpacking it on every call."""
+    from .modules import LlmqLinear
+
+    patched = [m for m in block.modules() if isinstance(m, LlmqLinear)]
+    for m in patched:
+        w, b = m.dequantize(), m.bias
+        m._forward_packed = lambda x, w=w, b=b: F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
+    try:
+        yield
+    finally:
+        for m in patched:
+            del m._forward_packed
 
 
 class BlockFactory:

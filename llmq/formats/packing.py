@@ -38,6 +38,11 @@ def _pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if c.numel() and (c.min() < 0 or c.max() >= (1 << bits)):
         raise ValueError(f"codes out of range for {bits}-bit packing")
     words = packed_words(n, bits)
+    if 32 % bits == 0:  # no code straddles a word: shift each code into place and sum the word's codes
+        per = 32 // bits
+        c = torch.nn.functional.pad(c, (0, words * per - n)).reshape(c.shape[0], words, per)
+        out = (c << (torch.arange(per, dtype=torch.int64) * bits)).sum(-1)
+        return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
     pos = torch.arange(n, dtype=torch.int64) * bits
     word, shift = pos // 32, pos % 32
     # Accumulate in int64 with one spare word, so a code that straddles two words simply spills over.
@@ -57,6 +62,10 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 
 
 def _unpack_rows(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    if 32 % bits == 0:  # one broadcast shift (the arithmetic shift of a negative word is masked off)
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32)
+        codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+        return codes.reshape(packed.shape[0], -1)[:, :n].to(torch.uint8)
     p = packed.to(torch.int64) & 0xFFFFFFFF
     p = torch.cat([p, torch.zeros(p.shape[0], 1, dtype=torch.int64)], dim=1)
     pos = torch.arange(n, dtype=torch.int64) * bits

@@ -17,6 +17,8 @@ the algorithm; each step is one vectorised operation over all rows.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from ..formats.intq import IntQuantized
@@ -38,58 +40,90 @@ def inverse_hessian_cholesky(H: torch.Tensor, damp: float, max_tries: int = 6) -
     raise RuntimeError(f"Hessian is not positive definite even with damping {damp / 10:g}")
 
 
+_FACTOR_CACHE: dict = {}
+
+
+def _factor(H: torch.Tensor, act_order: bool, damp: float, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dead columns, column order, upper Cholesky factor of the damped inverse Hessian in that order).
+    Layers that read the same input share one H object (q/k/v, gate/up): they share this factorisation."""
+    key = (id(H), H._version, act_order, damp, dtype)
+    if _FACTOR_CACHE.get("key") == key and _FACTOR_CACHE.get("H") is H:
+        return _FACTOR_CACHE["value"]
+    Hd = H.to(dtype).clone()
+    dead = torch.diag(Hd) == 0
+    Hd[dead, dead] = 1
+    perm = torch.argsort(torch.diag(Hd), descending=True) if act_order else torch.arange(Hd.shape[0])
+    value = (dead, perm, inverse_hessian_cholesky(Hd[perm][:, perm], damp))
+    _FACTOR_CACHE.update(key=key, H=H, value=value)
+    return value
+
+
+@contextmanager
+def one_thread():
+    """The column loop is thousands of small ops: intra-op threads only add synchronisation (10x slower on a
+    busy 2-core machine, measured), so it runs on one thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def gptq_quantize(w: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, sym: bool, mse_clip: bool = False,
                   act_order: bool = False, damp: float = 0.01, block_size: int = 128, hessian_dtype=torch.float32) -> IntQuantized:
-    W = w.to(hessian_dtype).clone()
-    H = H.to(hessian_dtype).clone()
-    rows, cols = W.shape
+    with one_thread():
+        return _gptq(w, H, bits, group_size, sym, mse_clip, act_order, damp, block_size, hessian_dtype)
+
+
+def _gptq(w, H, bits, group_size, sym, mse_clip, act_order, damp, block_size, hessian_dtype) -> IntQuantized:
+    rows, cols = w.shape
     g = group_size or cols
     n_groups = -(-cols // g)
     maxq = (1 << bits) - 1
-
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
+    dead, perm, Hinv = _factor(H, act_order, damp, hessian_dtype)
+    W = w.to(hessian_dtype).clone()
     W[:, dead] = 0
 
-    scales = torch.zeros(rows, n_groups, dtype=hessian_dtype)
-    zeros = torch.zeros(rows, n_groups, dtype=hessian_dtype)
-    static = act_order  # act-order always uses static groups
+    # Grids are kept transposed ([group, row]) and so is W ([column, row]): each step of the column loop
+    # then reads and updates contiguous rows of memory.
+    scales = torch.zeros(n_groups, rows, dtype=hessian_dtype)
+    zeros = torch.zeros(n_groups, rows, dtype=hessian_dtype)
+    static = act_order  # act-order always uses static groups: every grid fixed from the unmodified weights
     if static:
-        for gi in range(n_groups):
-            s, z = find_scales(W[:, gi * g : (gi + 1) * g].float(), bits, 0, sym, mse_clip)
-            scales[:, gi], zeros[:, gi] = s[:, 0], z[:, 0]
+        s, z = find_scales(W.float(), bits, group_size, sym, mse_clip)
+        scales.copy_(s.T), zeros.copy_(z.T)
 
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
-    W, H = W[:, perm], H[perm][:, perm]
-    group_of = perm // g  # group of each (permuted) column, in original numbering
-    Hinv = inverse_hessian_cholesky(H, damp)
-    codes = torch.zeros(rows, cols, dtype=torch.uint8)
+    Wt = W[:, perm].T.contiguous()  # [cols, rows] in quantization order
+    group_of = (perm // g).tolist()  # group of each (permuted) column, in original numbering
+    starts_group = [(not static) and int(c) % g == 0 for c in perm.tolist()]
+    codes_t = torch.empty(cols, rows, dtype=torch.uint8)
 
     for b0 in range(0, cols, block_size):
         b1 = min(b0 + block_size, cols)
-        W1 = W[:, b0:b1].clone()
-        Err1 = torch.zeros_like(W1)
+        W1 = Wt[b0:b1].clone()
+        Err1 = torch.empty_like(W1)
         Hinv1 = Hinv[b0:b1, b0:b1]
         for i in range(b1 - b0):
             col = b0 + i
-            gi = int(group_of[col])
-            if not static and int(perm[col]) % g == 0:  # first column of a group: fix its grid now
-                s, z = find_scales(torch.cat([W1[:, i:], W[:, b1:]], 1)[:, :g].float(), bits, 0, sym, mse_clip)
-                scales[:, gi], zeros[:, gi] = s[:, 0], z[:, 0]
-            s, z = scales[:, gi], zeros[:, gi]
-            wcol = W1[:, i]
-            q = torch.clamp(torch.round(wcol / s) + z, 0, maxq)
-            codes[:, col] = q.to(torch.uint8)
-            err = (wcol - (q - z) * s) / Hinv1[i, i]
-            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        W[:, b1:] -= Err1 @ Hinv[b0:b1, b1:]
+            gi = group_of[col]
+            if starts_group[col]:  # first column of a group: fix its grid from the weights as updated so far
+                s, z = find_scales(torch.cat([W1[i:], Wt[b1:]])[:g].T.float(), bits, 0, sym, mse_clip)
+                scales[gi], zeros[gi] = s[:, 0], z[:, 0]
+            s, z = scales[gi], zeros[gi]
+            wcol = W1[i]
+            q = torch.div(wcol, s).round_().add_(z).clamp_(0, maxq)
+            codes_t[col] = q
+            err = Err1[i]
+            torch.sub(wcol, q.sub_(z).mul_(s), out=err).div_(Hinv1[i, i])
+            W1[i + 1 :].addr_(Hinv1[i, i + 1 :], err, alpha=-1)  # push the error onto the block's later columns
+        Wt[b1:].addmm_(Hinv[b0:b1, b1:].T, Err1, alpha=-1)  # lazy batch update of all later columns
 
-    codes = codes[:, torch.argsort(perm)]
+    codes = codes_t.T[:, torch.argsort(perm)].contiguous()
     return IntQuantized(
         codes=codes,
-        scales=scales.to(torch.float16),
-        zeros=None if sym else zeros.to(torch.uint8),
+        scales=scales.T.to(torch.float16).contiguous(),
+        zeros=None if sym else zeros.T.to(torch.uint8).contiguous(),
         bits=bits,
         group_size=group_size,
     )

@@ -29,13 +29,18 @@ SHARED = REPO.parent / "shared"
 MODEL = SHARED / "models/smollm2-135m-instruct-q4_1"
 
 
+def load() -> float:
+    return os.getloadavg()[0]
+
+
 def timed(cmd, env) -> dict:
-    t0 = time.time()
+    t0, l0 = time.time(), load()
     p = subprocess.run(["/usr/bin/time", "-v", *map(str, cmd)], capture_output=True, text=True, env=env)
     if p.returncode != 0:
         raise RuntimeError(f"{' '.join(map(str, cmd))} failed:\n{p.stderr[-3000:]}")
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr).group(1)) * 1024
-    return {"seconds": time.time() - t0, "peak_rss_bytes": rss, "stdout": p.stdout}
+    cpu = sum(float(re.search(rf"{k} time \(seconds\): ([\d.]+)", p.stderr).group(1)) for k in ("User", "System"))
+    return {"seconds": time.time() - t0, "cpu_seconds": cpu, "peak_rss_bytes": rss, "load_before": l0, "load_after": load()}
 
 
 def ppl_of(path_or_model, tok, limit) -> dict:
@@ -57,6 +62,7 @@ def main():
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--limit", type=int, default=16)
+    ap.add_argument("--peer-bits", type=int, nargs="*", default=[4, 3], help="bit widths the peer also runs")
     ap.add_argument("--skip-peer", action="store_true")
     a = ap.parse_args()
     env = {**os.environ, "LLMQ_DATA_DIR": str(SHARED / "data"), "HF_HUB_OFFLINE": "1", "COLUMNS": "160"}
@@ -93,36 +99,56 @@ def main():
         common = ["--bits", bits, "--group-size", a.group_size, "--sym", "--calib", "c4", "--nsamples", a.nsamples, "--seqlen", a.seqlen, "--seed", 0]
         for method in ("gptq", "rtn"):
             out = a.work / f"llmq-{method}-w{bits}g{a.group_size}"
-            t = timed([sys.executable, "-m", "llmq.cli", "quantize", fp_dir, "-o", out, "--method", method, *common, "--overwrite"], env)
-            row[f"llmq_{method}"] = {"seconds": t["seconds"], "peak_rss_bytes": t["peak_rss_bytes"], **ppl_of(out, tok, a.limit)}
-        if not a.skip_peer:
+            args = common if method == "gptq" else [*common[:5], "--calib", "none"]  # RTN needs no calibration
+            t = timed([sys.executable, "-m", "llmq.cli", "quantize", fp_dir, "-o", out, "--method", method, *args, "--overwrite"], env)
+            row[f"llmq_{method}"] = {**t, **ppl_of(out, tok, a.limit)}
+            if method == "gptq":
+                rep = json.loads((out / "llmq_report.json").read_text())
+                row["layers"] = [{k: r[k] for k in ("layer", "output_err", "rtn_output_err")} for r in rep["layers"]]
+        if not a.skip_peer and bits in a.peer_bits:
             pj = a.work / f"peer-w{bits}.json"
+            l0 = load()
             subprocess.run([sys.executable, *map(str, (REPO / "scripts/peer_llmcompressor.py", fp_dir, calib_pt, bits, a.group_size, a.limit, pj))],
                            check=True, env=env, capture_output=True)
             p = json.loads(pj.read_text())
-            row["llmcompressor_gptq"] = {"seconds": p["quant_seconds"], "peak_rss_bytes": p["peak_rss_bytes"], "ppl": p["ppl"], "protocol": p["protocol"]}
+            row["llmcompressor_gptq"] = {"seconds": p["quant_seconds"], "cpu_seconds": p.get("cpu_seconds"), "peak_rss_bytes": p["peak_rss_bytes"],
+                                         "load_before": l0, "load_after": p.get("load_after"), "ppl": p["ppl"], "protocol": p["protocol"]}
             row["ratio_ppl"] = row["llmq_gptq"]["ppl"] / p["ppl"]
             row["ratio_time"] = row["llmq_gptq"]["seconds"] / p["quant_seconds"]
             row["ratio_memory"] = row["llmq_gptq"]["peak_rss_bytes"] / p["peak_rss_bytes"]
+            row["ratio_cpu"] = row["llmq_gptq"]["cpu_seconds"] / p["cpu_seconds"]
         results["runs"].append(row)
         (REPO / "reports").mkdir(exist_ok=True)
         (REPO / "reports/bench_gptq.json").write_text(json.dumps(results, indent=2))
 
     lines = ["# GPTQ benchmark: llmq vs llm-compressor", "",
              f"Machine: {results['machine']}. Model: SmolLM2-135M-Instruct (Q4_1 GGUF dequantized, saved as fp32 safetensors).",
-             f"Calibration: {results['calibration']}.",
+             f"Calibration: {results['calibration']} (RTN rows: none needed).",
              f"Evaluation (all rows, same function): {results['fp']['protocol']}. fp model: **{results['fp']['ppl']:.3f}**.",
-             "Time = whole process (imports, model load, calibration forward passes, quantization; llmq also writes its packed checkpoint). Memory = peak RSS.", "",
-             "| method | bits | group | ppl | time (s) | peak RSS (GB) |", "|---|---:|---:|---:|---:|---:|"]
+             "Time = whole process wall clock (imports, model load, calibration forward passes, quantization; llmq also writes its "
+             "packed checkpoint, the peer only quantizes in memory); CPU = user+system seconds; memory = peak RSS; load = 1-minute "
+             "load average before/after (2 cores: above 2 means other work shared the machine).", "",
+             "| method | bits | group | act-order | ppl | time (s) | CPU (s) | peak RSS (GB) | load |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---|"]
     for r in results["runs"]:
         for key, name in (("llmq_gptq", "llmq GPTQ"), ("llmcompressor_gptq", "llm-compressor GPTQModifier"), ("llmq_rtn", "llmq RTN")):
             if key in r:
                 v = r[key]
-                lines.append(f"| {name} | {r['bits']} | {r['group_size']} | {v['ppl']:.3f} | {v['seconds']:.0f} | {v['peak_rss_bytes'] / 1e9:.2f} |")
-    lines += ["", "| bits | ppl llmq/peer | time llmq/peer | memory llmq/peer |", "|---:|---:|---:|---:|"]
+                cpu = f"{v['cpu_seconds']:.0f}" if v.get("cpu_seconds") else "-"
+                ld = f"{v['load_before']:.1f}/{v['load_after']:.1f}" if v.get("load_after") is not None else "-"
+                lines.append(f"| {name} | {r['bits']} | {r['group_size']} | {'yes' if r['act_order'] else 'no'} | {v['ppl']:.3f} | "
+                             f"{v['seconds']:.0f} | {cpu} | {v['peak_rss_bytes'] / 1e9:.2f} | {ld} |")
+    lines += ["", "| bits | ppl llmq/peer | wall time llmq/peer | CPU time llmq/peer | memory llmq/peer |", "|---:|---:|---:|---:|---:|"]
     for r in results["runs"]:
         if "ratio_ppl" in r:
-            lines.append(f"| {r['bits']} | {r['ratio_ppl']:.3f} | {r['ratio_time']:.2f} | {r['ratio_memory']:.2f} |")
+            lines.append(f"| {r['bits']} | {r['ratio_ppl']:.3f} | {r['ratio_time']:.2f} | {r['ratio_cpu']:.2f} | {r['ratio_memory']:.2f} |")
+    for r in results["runs"]:
+        layers = r.get("layers", [])
+        wins = sum(x["output_err"] < x["rtn_output_err"] for x in layers)
+        lines += ["", f"## Per-layer output error, {r['bits']}-bit g{r['group_size']} sym: GPTQ below RTN on {wins} of {len(layers)} layers", "",
+                  "‖WX − QX‖² / ‖WX‖² on the calibration inputs, same grid, same inputs.", "",
+                  "| layer | GPTQ | RTN | RTN/GPTQ |", "|---|---:|---:|---:|"]
+        lines += [f"| {x['layer']} | {x['output_err']:.3e} | {x['rtn_output_err']:.3e} | {x['rtn_output_err'] / x['output_err']:.1f} |" for x in layers]
     (REPO / "reports/bench_gptq.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -3,6 +3,7 @@ calibration token windows, then the same llmq perplexity function on the resulti
 Usage: python peer_llmcompressor.py FP_DIR CALIB_PT BITS GROUP LIMIT OUT_JSON [--act-order]"""
 
 import json
+import os
 import resource
 import sys
 import time
@@ -30,13 +31,14 @@ def main():
     oneshot(model=model, dataset=ds, recipe=recipe, max_seq_length=ids.shape[1], num_calibration_samples=ids.shape[0],
             shuffle_calibration_samples=False)
     quant_seconds = time.time() - T0
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    peak_rss, cpu_seconds, load_after = ru.ru_maxrss * 1024, ru.ru_utime + ru.ru_stime, os.getloadavg()[0]
 
     from llmq.eval.perplexity import perplexity
 
     tok = AutoTokenizer.from_pretrained(fp_dir)
     r = perplexity(model.eval(), tok, "wikitext2", seqlen=2048, limit=int(limit))
-    json.dump({"quant_seconds": quant_seconds, "peak_rss_bytes": peak_rss, "ppl": r.ppl, "protocol": r.protocol()}, open(out_json, "w"))
+    json.dump({"quant_seconds": quant_seconds, "cpu_seconds": cpu_seconds, "load_after": load_after, "peak_rss_bytes": peak_rss, "ppl": r.ppl, "protocol": r.protocol()}, open(out_json, "w"))
 
 
 if __name__ == "__main__":

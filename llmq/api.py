@@ -14,6 +14,7 @@ from .hf import LlmqConfig, LlmqHfQuantizer
 from .modules import LlmqLinear, set_submodule
 from .quantize_block import Calibration, install_quantized, quantize_block, quantize_head
 from .recipe import METHOD_NONE, Recipe
+from .rotation import check_sizes, residual_rotation, rotate_model_
 
 
 @torch.no_grad()
@@ -21,6 +22,10 @@ def quantize_(model, recipe: Recipe | None = None, calib_ids: torch.Tensor | Non
     """Quantize `model` in place; returns the per-layer report rows."""
     recipe = (recipe or Recipe()).validate()
     adapter = adapter_for(model.config)
+    check_sizes(recipe, model.config, quantize_head=recipe.spec_for(adapter.head).method != METHOD_NONE)
+    rot = residual_rotation(recipe, model.config)
+    if rot is not None:  # model-level rotation first: the blocks are then quantized in the rotated basis
+        rotate_model_(model, rot, adapter)
     blocks = model.get_submodule(adapter.blocks)
     rotary = model.get_submodule(adapter.blocks.rsplit(".", 1)[0] + ".rotary_emb")
     hidden = pos_emb = None
@@ -41,7 +46,7 @@ def quantize_(model, recipe: Recipe | None = None, calib_ids: torch.Tensor | Non
         rows.extend(block_rows)
     head_spec = recipe.spec_for(adapter.head)
     if head_spec.method != METHOD_NONE:
-        packed, cfg = quantize_head(model.get_submodule(adapter.head).weight, head_spec)
+        packed, cfg = quantize_head(model.get_submodule(adapter.head).weight, head_spec, recipe, adapter.head)
         packed.pop("weight")
         set_submodule(model, adapter.head, LlmqLinear.from_packed(cfg, packed))
         layers[adapter.head] = cfg

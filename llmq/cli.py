@@ -57,7 +57,7 @@ def quantize(
     mse_clip: Annotated[Optional[bool], typer.Option("--mse-clip/--no-mse-clip", help="Search a clipped range per group minimising squared error (default off).")] = None,
     act_order: Annotated[Optional[bool], typer.Option("--act-order/--no-act-order", help="GPTQ: quantize columns in decreasing Hessian-diagonal order, with static groups (default off).")] = None,
     true_sequential: Annotated[Optional[bool], typer.Option("--true-sequential/--block-sequential", help="Re-collect each linear group's inputs after the groups before it in the block are quantized (default: block at a time).")] = None,
-    rotate: Annotated[str, typer.Option(help="Rotation before quantization: none.")] = "none",
+    rotate: Annotated[str, typer.Option(help="Rotation before quantization: none; hadamard (per-layer randomized Hadamard incoherence, applied online at inference); residual (residual-stream rotation with RMSNorm folding, zero inference cost; unties the head); both.")] = "none",
     recipe: Annotated[Optional[Path], typer.Option(help="YAML recipe (defaults plus per-layer regex overrides); flags given here override its defaults.")] = None,
     calib: Annotated[str, typer.Option(help="Calibration data: c4, wikitext2, none, hf:NAME[:CONFIG[:SPLIT]], or a local .txt/.jsonl/.parquet file.")] = "c4",
     nsamples: Annotated[int, typer.Option(help="Number of calibration windows.")] = 128,

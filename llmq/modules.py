@@ -8,6 +8,12 @@ from torch import nn
 
 from .formats import get_format
 from .kernels.dispatch import quant_linear
+from .rotation.incoherence import online_rotation, rotation_tensor_specs
+
+
+def layer_tensor_specs(cfg: dict) -> dict:
+    """Every tensor a packed layer stores (besides weight/bias): its format's, plus a rotation's signs."""
+    return {**get_format(cfg["format"]).tensor_specs(cfg), **rotation_tensor_specs(cfg)}
 
 
 class LlmqLinear(nn.Module):
@@ -20,17 +26,25 @@ class LlmqLinear(nn.Module):
         # Zero-length `weight`: a checkpoint saved from this module makes a plain (non-llmq) transformers
         # load fail with a size mismatch instead of silently initialising random weights.
         self.register_buffer("weight", torch.zeros(0, dtype=torch.float16, device=device))
-        for name, (shape, dtype) in self.format.tensor_specs(layer_config).items():
+        for name, (shape, dtype) in layer_tensor_specs(layer_config).items():
             self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.zeros(self.out_features, device=device), requires_grad=False) if bias else None
 
     def packed_tensors(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self.named_buffers(recurse=False) if k != "weight"}
+        """The format's tensors (a rotation's sign vectors are not part of the packed weight)."""
+        return {k: v for k, v in self.named_buffers(recurse=False) if k != "weight" and k not in rotation_tensor_specs(self.layer_config)}
 
     def dequantize(self) -> torch.Tensor:
+        """The packed weight as fp32 [out, in]; for a rotated layer, in its rotated basis (U W Vᵀ, llmq.rotation.incoherence)."""
         return self.format.dequantize(self.packed_tensors(), self.layer_config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rot = online_rotation(self)  # a layer quantized in a Hadamard-rotated basis (llmq.rotation.incoherence)
+        if rot is not None:
+            return rot.output(self._forward_packed(rot.input(x)))
+        return self._forward_packed(x)
+
+    def _forward_packed(self, x: torch.Tensor) -> torch.Tensor:
         return quant_linear(x, self.packed_tensors(), self.layer_config, self.bias)  # Triton on CUDA, torch on CPU
 
     @classmethod

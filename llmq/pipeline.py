@@ -40,6 +40,7 @@ from .formats import FORMAT_VERSION
 from .hf import QUANT_METHOD
 from .quantize_block import Calibration, install_quantized, quantize_block, quantize_head
 from .recipe import METHOD_NONE, Recipe
+from .rotation import RotatedSource, check_sizes, residual_rotation
 from .source import ModelSource
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -121,6 +122,7 @@ def run_quantize(job: QuantizeJob, log=print, progress=None) -> dict:
     source = ModelSource(job.model)
     adapter = adapter_for(source.config)
     factory = BlockFactory(source.config, adapter)
+    check_sizes(recipe, source.config, quantize_head=recipe.spec_for(adapter.head).method != METHOD_NONE)
     needs_calib = any(m.needs_hessian for m in _methods_used(recipe))
     if needs_calib and job.calib.source == "none":
         raise InputError("the chosen method needs calibration data; --calib none is only for data-free methods")
@@ -157,8 +159,12 @@ def _methods_used(recipe: Recipe):
 
 def _quantize_blocks(job, source, adapter, factory, recipe, ids, work, out_dtype, progress) -> dict:
     tensors_src = source.tensors
+    rot = residual_rotation(recipe, source.config)  # model-level rotation: every tensor is read rotated
+    if rot is not None:
+        tensors_src = RotatedSource(tensors_src, rot, adapter)
+    tied_src = bool(getattr(source.config, "tie_word_embeddings", False)) and rot is None  # rotation unties the head
     n_blocks = factory.num_blocks
-    n_shards = n_blocks + 1 + int(_writes_head(adapter, recipe, tensors_src, source.config))
+    n_shards = n_blocks + 1 + int(_writes_head(adapter, recipe, tensors_src, tied_src))
     embed = tensors_src.get(adapter.embed + ".weight").to(torch.float32)
     hidden = F.embedding(ids, embed) if ids is not None else None
     del embed
@@ -199,7 +205,7 @@ def _quantize_blocks(job, source, adapter, factory, recipe, ids, work, out_dtype
             os.kill(os.getpid(), 9)
 
     # Embeddings and final norm in one shard, the head (unless tied) in another: one large tensor each.
-    tied = bool(getattr(source.config, "tie_word_embeddings", False))
+    tied = tied_src
     embed_key = adapter.embed + ".weight"
     rest = {embed_key: tensors_src.get(embed_key).to(out_dtype),
             adapter.final_norm + ".weight": tensors_src.get(adapter.final_norm + ".weight").to(out_dtype)}
@@ -215,8 +221,8 @@ def _quantize_blocks(job, source, adapter, factory, recipe, ids, work, out_dtype
     return {"model": source.name, "recipe": recipe.to_dict(), "calib": job.calib.to_dict() if ids is not None else None, "layers": rows}
 
 
-def _writes_head(adapter, recipe, tensors_src, config) -> bool:
-    untied = (adapter.head + ".weight") in tensors_src.keys() and not getattr(config, "tie_word_embeddings", False)
+def _writes_head(adapter, recipe, tensors_src, tied: bool) -> bool:
+    untied = (adapter.head + ".weight") in tensors_src.keys() and not tied
     return untied or recipe.spec_for(adapter.head).method != METHOD_NONE
 
 
@@ -226,7 +232,8 @@ def _head_tensors(adapter, recipe, tensors_src, tied, out_dtype) -> tuple[dict, 
     spec = recipe.spec_for(adapter.head)
     if spec.method == METHOD_NONE:
         return ({key: tensors_src.get(key).to(out_dtype)} if key in tensors_src.keys() and not tied else {}), None
-    packed, cfg = quantize_head(tensors_src.get(key if key in tensors_src.keys() else adapter.embed + ".weight"), spec)
+    packed, cfg = quantize_head(tensors_src.get(key if key in tensors_src.keys() else adapter.embed + ".weight"), spec,
+                                recipe, adapter.head)
     return {f"{adapter.head}.{k}": v for k, v in packed.items()}, cfg
 
 

@@ -14,8 +14,9 @@ from .adapters import DecoderAdapter
 from .blocks import StopForward, forward_block
 from .formats import get_format
 from .methods import METHODS
-from .modules import LlmqLinear, set_submodule
+from .modules import LlmqLinear, layer_tensor_specs, set_submodule
 from .recipe import METHOD_NONE, Recipe
+from .rotation import layer_incoherence
 
 
 @dataclass
@@ -82,6 +83,7 @@ def quantize_block(block: nn.Module, prefix: str, adapter: DecoderAdapter, recip
     quantized_params = set()
     sequential = recipe.true_sequential and calib is not None
     hessians = collect_hessians(block, adapter, calib) if calib is not None and not sequential else None
+    rotated_h = {}  # per-layer Hadamard rotation: each group's H rotated once (its layers share V)
     for name in (n for group in adapter.linear_groups for n in group):
         if sequential and name in (g[0] for g in adapter.linear_groups):
             group = next(g for g in adapter.linear_groups if g[0] == name)
@@ -98,16 +100,31 @@ def quantize_block(block: nn.Module, prefix: str, adapter: DecoderAdapter, recip
 
             raise InputError(f"weight {full}.weight contains NaN or Inf values")
         H = hessians.get(name) if hessians else None
+        group = next(g for g in adapter.linear_groups if name in g)
+        inc = layer_incoherence(recipe, prefix + group[0], full, w.shape[1], w.shape[0])
+        if inc is not None:  # quantize U W Vᵀ against V H Vᵀ; errors below are then in the rotated basis (equal)
+            w = inc.weight(w)
+            if H is not None:
+                key = (group[0], id(H))
+                if key not in rotated_h:
+                    rotated_h[key] = inc.hessian(H)
+                H = rotated_h[key]
         q = METHODS[spec.method].quantize(w, spec, H)
         packed = q.pack()
         cfg = {"method": spec.method, **q.layer_config()}
         deq = get_format(cfg["format"]).dequantize(packed, cfg)
+        if inc is not None:
+            packed.update(inc.tensors())
+            cfg.update(inc.layer_config())
         for k, v in packed.items():
             tensors[f"{full}.{k}"] = v
         tensors[f"{full}.weight"] = torch.zeros(0, dtype=torch.float16)  # placeholder, see llmq.hf
         quantized_params.add(f"{name}.weight")
-        if lin.bias is not None:
-            tensors[f"{full}.bias"] = lin.bias.detach().to(out_dtype)
+        bias = None if lin.bias is None else lin.bias.detach().to(torch.float32)
+        if bias is not None and inc is not None:
+            bias = inc.bias(bias)  # stored in the rotated basis (llmq.rotation.incoherence)
+        if bias is not None:
+            tensors[f"{full}.bias"] = bias.to(out_dtype)
             quantized_params.add(f"{name}.bias")
         layer_cfgs[full] = cfg
         weight_err = float((w - deq).pow_(2).sum() / w.pow(2).sum().clamp_min(1e-30))
@@ -117,7 +134,6 @@ def quantize_block(block: nn.Module, prefix: str, adapter: DecoderAdapter, recip
             rtn_err = relative_output_error(w, METHODS["rtn"].quantize(w, spec).dequantize(), H)
         del w, deq
         if sequential:  # later groups must see this layer's quantized output
-            bias = None if lin.bias is None else lin.bias.detach().to(torch.float32)
             set_submodule(block, name, LlmqLinear.from_packed(cfg, packed, bias))
         else:
             lin.weight = None  # the fp weight is no longer needed; free it before the next (larger) layer
@@ -143,12 +159,19 @@ def quantize_block(block: nn.Module, prefix: str, adapter: DecoderAdapter, recip
     return tensors, layer_cfgs, rows
 
 
-def quantize_head(w: torch.Tensor, spec) -> tuple[dict, dict]:
-    """The LM head (no calibration statistics): its packed tensors, with the placeholder, and layer config."""
-    q = METHODS[spec.method].quantize(w.to(torch.float32), spec, None)
+def quantize_head(w: torch.Tensor, spec, recipe: Recipe | None = None, name: str = "lm_head") -> tuple[dict, dict]:
+    """The LM head (no calibration statistics): its packed tensors, with the placeholder, and layer config.
+    With a recipe asking for per-layer Hadamard rotation, the head is quantized rotated too."""
+    w = w.to(torch.float32)
+    inc = layer_incoherence(recipe, name, name, w.shape[1], w.shape[0]) if recipe is not None else None
+    q = METHODS[spec.method].quantize(inc.weight(w) if inc is not None else w, spec, None)
     packed = q.pack()
+    cfg = {"method": spec.method, **q.layer_config()}
+    if inc is not None:
+        packed.update(inc.tensors())
+        cfg.update(inc.layer_config())
     packed["weight"] = torch.zeros(0, dtype=torch.float16)  # placeholder, see llmq.hf
-    return packed, {"method": spec.method, **q.layer_config()}
+    return packed, cfg
 
 
 def install_quantized(block: nn.Module, prefix: str, tensors: dict, layer_cfgs: dict) -> nn.Module:
@@ -157,7 +180,7 @@ def install_quantized(block: nn.Module, prefix: str, tensors: dict, layer_cfgs: 
     local = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     for full, cfg in layer_cfgs.items():
         name = full[len(prefix):]
-        packed = {k: local[f"{name}.{k}"] for k in get_format(cfg["format"]).tensor_specs(cfg)}
+        packed = {k: local[f"{name}.{k}"] for k in layer_tensor_specs(cfg)}
         bias = local.get(f"{name}.bias")
         set_submodule(block, name, LlmqLinear.from_packed(cfg, packed, None if bias is None else bias.to(torch.float32)))
     quantized = {n[len(prefix):] for n in layer_cfgs}

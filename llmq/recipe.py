@@ -60,7 +60,9 @@ _SPEC_FIELDS = {f.name for f in dataclasses.fields(LayerSpec)}
 class Recipe:
     default: LayerSpec = field(default_factory=LayerSpec)
     overrides: list[dict] = field(default_factory=list)
-    rotate: str = "none"
+    rotate: str = "none"  # none | hadamard | residual | both (llmq.rotation)
+    rotate_seed: int = 0  # seeds the random sign vectors of the rotations
+    rotate_vo: bool = True  # residual rotation also rotates V/O per head
     true_sequential: bool = False  # re-collect each linear group's inputs after the groups before it are quantized
 
     def spec_for(self, module_name: str) -> LayerSpec:
@@ -73,8 +75,12 @@ class Recipe:
 
     def validate(self) -> "Recipe":
         self.default.validate("recipe")
-        if self.rotate != "none":
-            raise InputError(f"recipe: rotation {self.rotate!r} is not available in this version (only 'none')")
+        from .rotation import ROTATE_MODES
+
+        if self.rotate not in ROTATE_MODES:
+            raise InputError(f"recipe: unknown rotation {self.rotate!r} (choose from {', '.join(ROTATE_MODES)})")
+        if not isinstance(self.rotate_seed, int) or isinstance(self.rotate_seed, bool):
+            raise InputError(f"recipe: rotate_seed must be an integer, got {self.rotate_seed!r}")
         for i, ov in enumerate(self.overrides):
             if "match" not in ov:
                 raise InputError(f"recipe: override #{i + 1} has no 'match' regex")
@@ -94,6 +100,8 @@ class Recipe:
         d = dataclasses.asdict(self.default)
         d["overrides"] = [dict(o) for o in self.overrides]
         d["rotate"] = self.rotate
+        if self.rotate != "none":
+            d["rotate_seed"], d["rotate_vo"] = self.rotate_seed, self.rotate_vo
         d["true_sequential"] = self.true_sequential
         return d
 
@@ -102,13 +110,15 @@ class Recipe:
         d = dict(d or {})
         overrides = d.pop("overrides", []) or []
         rotate = d.pop("rotate", "none")
+        rot_kw = {k: d.pop(k) for k in ("rotate_seed", "rotate_vo") if k in d}
         true_sequential = bool(d.pop("true_sequential", False))
         unknown = set(d) - _SPEC_FIELDS
         if unknown:
             raise InputError(f"recipe: unknown keys {sorted(unknown)}")
         if not isinstance(overrides, list):
             raise InputError("recipe: 'overrides' must be a list")
-        return cls(default=LayerSpec(**d), overrides=overrides, rotate=rotate, true_sequential=true_sequential)
+        return cls(default=LayerSpec(**d), overrides=overrides, rotate=rotate, true_sequential=true_sequential,
+                   **rot_kw)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "Recipe":

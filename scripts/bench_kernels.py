@@ -75,6 +75,12 @@ def nbytes(*ts) -> int:
 
 def graph_time(fns, reps: int) -> tuple[float, str]:
     """Mean seconds per call, replaying `reps` calls (cycling over fns) from one CUDA graph."""
+    if not torch.cuda.is_available():  # --cpu-smoke: the script's logic only, timings meaningless
+        fns[0]()
+        t = time.perf_counter()
+        for i in range(reps):
+            fns[i % len(fns)]()
+        return (time.perf_counter() - t) / reps, "cpu-eager"
     for f in fns:  # warm-up: compile and autotune outside the capture
         f()
     torch.cuda.synchronize()
@@ -116,10 +122,13 @@ def bench_layers(args, dtype, peak) -> list[dict]:
     from llmq.kernels.intq_triton import int_matmul_triton
     from llmq.kernels.reference import dequantize_int
 
-    dev = torch.device("cuda")
-    l2 = torch.cuda.get_device_properties(dev).L2_cache_size if hasattr(torch.cuda.get_device_properties(dev), "L2_cache_size") else 50 << 20
+    dev = torch.device("cuda" if not args.cpu_smoke else "cpu")
+    props = torch.cuda.get_device_properties(dev) if dev.type == "cuda" else None
+    l2 = getattr(props, "L2_cache_size", 50 << 20) if props is not None else 1 << 16
     rows = []
     models = {"llama-70b": [SHAPES["llama-70b"][0]]} if args.quick else SHAPES
+    if args.cpu_smoke:
+        models = {"tiny": [("smoke", 48, 136)]}
     for model, shapes in models.items():
         for lname, n, k in shapes:
             t0, cfg = random_layer(n, k, args.bits, args.group_size, not args.asym, args.act_order, dev)
@@ -152,7 +161,8 @@ def bench_layers(args, dtype, peak) -> list[dict]:
                       f"{r['tflops_quant']:6.1f} TF | dense {r['t_dense_us']:9.1f} us {r['gbps_dense']:7.0f} GB/s {r['tflops_dense']:6.1f} TF "
                       f"| x{r['speedup']:.2f} | err {rel_err:.1e}", flush=True)
             del layers, dense
-            torch.cuda.empty_cache()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
     return rows
 
 
@@ -167,21 +177,23 @@ def bench_e2e(args, dtype) -> dict:
     cfg = LlamaConfig(vocab_size=32000, hidden_size=h, intermediate_size=inter, num_hidden_layers=args.e2e_layers,
                       num_attention_heads=h // 128, num_key_value_heads=h // 128 if h <= 4096 else 8, max_position_embeddings=4096)
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    dev = "cpu" if args.cpu_smoke else "cuda"
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    with torch.device(dev):
         model = LlamaForCausalLM(cfg).to(dtype).eval()
-    ids = torch.randint(0, 32000, (1, args.prompt_len), device="cuda")
+    ids = torch.randint(0, 32000, (1, args.prompt_len), device=dev)
 
     def tok_s() -> float:
         gen = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
         model.generate(ids, **{**gen, "max_new_tokens": 8, "min_new_tokens": 8})  # warm-up, autotune
-        torch.cuda.synchronize()
+        sync()
         t = time.perf_counter()
         prefill = model.generate(ids, **{**gen, "max_new_tokens": 1, "min_new_tokens": 1})
-        torch.cuda.synchronize()
+        sync()
         t1 = time.perf_counter() - t
         t = time.perf_counter()
         out = model.generate(ids, **gen)
-        torch.cuda.synchronize()
+        sync()
         t2 = time.perf_counter() - t
         assert out.shape[1] == ids.shape[1] + args.new_tokens and prefill.shape[1] == ids.shape[1] + 1
         return (args.new_tokens - 1) / (t2 - t1)  # decode phase only: total minus prefill-plus-first-token
@@ -191,9 +203,10 @@ def bench_e2e(args, dtype) -> dict:
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
     for n in names:
         lin = model.get_submodule(n)
-        t, lcfg = random_layer(lin.out_features, lin.in_features, args.bits, args.group_size, not args.asym, args.act_order, "cuda")
+        t, lcfg = random_layer(lin.out_features, lin.in_features, args.bits, args.group_size, not args.asym, args.act_order, dev)
         set_submodule(model, n, LlmqLinear.from_packed(lcfg, t))
-    torch.cuda.empty_cache()
+    if dev == "cuda":
+        torch.cuda.empty_cache()
     quant = tok_s()
     quant_bytes = sum(b.numel() * b.element_size() for b in list(model.parameters()) + list(model.buffers()))
     return {"layers": args.e2e_layers, "hidden": h, "intermediate": inter, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
@@ -260,13 +273,23 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--out", type=Path, default=REPO / "reports" / "bench_kernels")
+    ap.add_argument("--cpu-smoke", action="store_true", help="run the script's logic on tiny CPU shapes under the Triton "
+                    "interpreter (checks the script without a GPU; timings meaningless)")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
+    if args.cpu_smoke:
+        import os
+
+        os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
+        os.environ["LLMQ_KERNELS"] = "triton"
+        args.batches, args.reps, args.new_tokens, args.prompt_len = [1, 4, 20], 2, 3, 8
+        args.e2e_hidden, args.e2e_intermediate = 128, 256
+        args.group_size = min(args.group_size, 64)
+    elif not torch.cuda.is_available():
         sys.exit("bench_kernels.py needs a CUDA GPU (none found); the CPU path is the torch reference, see tests/test_kernels.py")
     import triton
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    name = torch.cuda.get_device_name()
+    name = torch.cuda.get_device_name() if not args.cpu_smoke else "cpu (smoke run: Triton interpreter, timings meaningless)"
     peak = args.peak_gbps or peak_bandwidth(name)
     if peak is None:
         print(f"unknown memory bandwidth for {name!r}; pass --peak-gbps to get the fraction", file=sys.stderr)

@@ -152,7 +152,8 @@ def main() -> None:
              f"lm-eval {env['lm_eval']}, {env['threads']} threads. Items: "
              + (f"the first {args.limit} of each task (both sides)." if args.limit else "all."),
              "Command: `HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 /tmp/venv-lme/bin/python scripts/compare_lm_eval.py"
-             + (f" --limit {args.limit}" if args.limit else "") + "`", "",
+             + (f" --limit {args.limit}" if args.limit else "") + (f" --threads {args.threads}" if args.threads else "") + "`",
+             f"1-minute load average at the end: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores (times below are inflated when it exceeds the threads used).", "",
              "| task | metric | items | llmq | lm-eval | difference (points) | within 0.2 | max abs log-lik. diff per choice |", "|---|---|---:|---:|---:|---:|---|---:|"]
     ok = True
     for t in tasks:

@@ -128,6 +128,7 @@ def run_quantize(job: QuantizeJob, log=print, progress=None) -> dict:
         raise InputError("the chosen method needs calibration data; --calib none is only for data-free methods")
     ids = calibration_ids(job.calib, source.tokenizer()) if job.calib.source != "none" else None
     release_memory()
+    gc.freeze()  # what exists now (imports, skeleton, tokenizer) lives to the end: later collections skip it
     tensors_src = source.tensors  # validates safetensors files / loads a GGUF
     out_dtype = DTYPES.get(job.dtype) or source.tensors.dtype_on_disk()
     if adapter.embed + ".weight" not in tensors_src.keys():

@@ -46,10 +46,13 @@ class LayerSpec:
             raise InputError(f"{where}: unknown method {self.method!r} (choose from {', '.join(sorted(METHODS))}, none)")
         if self.method == METHOD_NONE:
             return self
-        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+        if getattr(METHODS[self.method], "uses_bits", True) and (not isinstance(self.bits, int) or not 2 <= self.bits <= 8):
             raise InputError(f"{where}: bits must be an integer from 2 to 8, got {self.bits!r}")
         if not isinstance(self.group_size, int) or self.group_size < 0 or 0 < self.group_size < 8:
             raise InputError(f"{where}: group size must be 0 (per-channel) or an integer >= 8, got {self.group_size!r}")
+        check = getattr(METHODS[self.method], "check_options", None)  # method-specific knobs in `options`
+        if check is not None:
+            check(self.options, where)
         return self
 
 

@@ -5,10 +5,13 @@ allocate buffers before reading) and `dequantize(tensors, layer_config)` (the to
 A layer's config (stored per layer in the checkpoint) names its format, so mixed formats coexist.
 """
 
+from .billm import BillmFormat
 from .intq import IntFormat, IntQuantized
+from .pbllm import PbllmFormat
+from .ternary import TernaryFormat
 
 FORMAT_VERSION = 1
-FORMATS = {IntFormat.name: IntFormat}
+FORMATS = {f.name: f for f in (IntFormat, BillmFormat, PbllmFormat, TernaryFormat)}
 
 
 def get_format(name: str):

@@ -1,9 +1,12 @@
 """Quantization methods: each takes a layer's weight (and, if it wants one, its input Hessian X Xᵀ)
 and returns a quantized value object of some packed format. One file per method."""
 
+from .billm import BiLLM
 from .gptq import GPTQ
+from .pbllm import PBLLM
 from .rtn import RTN
+from .ternary import Ternary
 
-METHODS = {m.name: m for m in (RTN(), GPTQ())}
+METHODS = {m.name: m for m in (RTN(), GPTQ(), BiLLM(), PBLLM(), Ternary())}
 
 __all__ = ["METHODS"]

@@ -1,0 +1,93 @@
+"""PB-LLM (Shang et al., 2023): partially binarized LLMs. A fraction of salient weights (Hessian metric) is kept at
+8 bits, the rest is binarized with the optimal scale, with GPTQ error feedback (the paper's GPTQ-PB variant).
+
+  salience   s_ij = w_ij² / U_jj²   (U: Cholesky factor of H⁻¹), from the unmodified weights, as the reference does
+  selection  per row and 128-column block, the r = round(ratio · width) most salient weights (a fixed count per
+             row-block, so the 8-bit weights have a fixed-size sparse layout; the reference takes a per-block
+             threshold instead, which varies the count per row)
+  8-bit      symmetric per row: value = s · q, q ∈ [−127, 127], s = max |w| / 127
+  binary     α per row and group = mean |w| over the group's non-salient weights (the optimal one-basis scale),
+             fixed from the unmodified weights; σ = sign(w)
+  feedback   column by column, GPTQ (llmq.methods.feedback.column_feedback)
+Then, with the signs and 8-bit codes fixed, the α are refit per row by H-weighted least squares.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..formats.bitplanes import EMPTY_SLOT
+from ..formats.intq import default_group_index, n_groups
+from ..formats.pbllm import BLOCK, PbllmQuantized
+from .options import DAMP, FLAG, check_options, integer, number
+from .feedback import cholesky_factor, column_feedback, refit_groups
+
+FP16_TINY = 2.0**-24
+
+
+def _select(metric: torch.Tensor, ratio: float, block: int):
+    """Per row and block, the round(ratio·width) largest entries: (bool mask [N, K], uint8 offsets [N, nb, r])."""
+    rows, cols = metric.shape
+    nb = -(-cols // block)
+    r = round(ratio * block)
+    mask = torch.zeros_like(metric, dtype=torch.bool)
+    idx = torch.full((rows, nb, r), EMPTY_SLOT, dtype=torch.uint8)
+    for bi, b0 in enumerate(range(0, cols, block)):
+        b1 = min(b0 + block, cols)
+        k = min(r, round(ratio * (b1 - b0)))
+        if k:
+            top = metric[:, b0:b1].topk(k, dim=1).indices
+            mask[:, b0:b1].scatter_(1, top, True)
+            idx[:, bi, :k] = torch.sort(top, dim=1).values.to(torch.uint8)
+    return mask, idx
+
+
+def pbllm_quantize(w: torch.Tensor, H: torch.Tensor | None, salient_ratio: float = 0.1, group_size: int = 128,
+                   damp: float = 0.01, refit: bool = True, block: int = BLOCK) -> PbllmQuantized:
+    rows, cols = w.shape
+    w = w.to(torch.float32)
+    dead, U = cholesky_factor(H, cols, damp)
+    W = w.clone()
+    W[:, dead] = 0
+    mask, idx = _select(W.square() / torch.diagonal(U).square()[None, :], salient_ratio, block)
+    s8 = (W.abs().amax(1) / 127).clamp_min(FP16_TINY).half().float()
+    gi = default_group_index(cols, group_size)
+    gl = gi.tolist()
+    G = n_groups(cols, group_size)
+    nonsal = (~mask).float()
+    alpha = torch.zeros(rows, G).index_add_(1, gi, W.abs() * nonsal) / torch.zeros(rows, G).index_add_(1, gi, nonsal).clamp_min(1)
+    alpha = alpha.half().float()
+    codes = torch.zeros(rows, cols)
+    signs = torch.empty(rows, cols)
+
+    def quant(j, wj):
+        s = torch.where(wj >= 0, 1.0, -1.0)
+        signs[:, j] = s
+        c = torch.clamp(torch.round(wj / s8), -127, 127)
+        codes[:, j] = c
+        return torch.where(mask[:, j], c * s8, alpha[:, gl[j]] * s)
+
+    column_feedback(W, U, quant, block_size=block)
+    fixed = torch.where(mask, codes * s8[:, None], 0.0)
+    values = torch.where(mask, 0.0, signs)
+    if refit and H is not None:
+        alpha = refit_groups(w, H, values, group_size, fixed=fixed, damp=damp)
+    col = torch.where(idx != EMPTY_SLOT, idx.long() + (torch.arange(idx.shape[1]) * block)[None, :, None], 0)
+    q8 = torch.where(idx != EMPTY_SLOT, codes.gather(1, col.reshape(rows, -1)).reshape(idx.shape), 0)
+    return PbllmQuantized(signs=signs, scales=alpha.clamp(-65504, 65504).half(), sparse_idx=idx,
+                          sparse_q=q8.to(torch.int8), sparse_scale=s8.half(), group_size=group_size, block=block)
+
+
+class PBLLM:
+    name = "pbllm"
+    needs_hessian = True
+    uses_bits = False
+
+    @staticmethod
+    def check_options(options: dict, where: str) -> None:
+        check_options(options, where, {"salient_ratio": number(0.0, 1.0), "damp": DAMP, "refit": FLAG})
+
+    def quantize(self, weight: torch.Tensor, spec, hessian=None) -> PbllmQuantized:
+        o = spec.options
+        return pbllm_quantize(weight, hessian, salient_ratio=float(o.get("salient_ratio", 0.1)),
+                              group_size=spec.group_size, damp=float(o.get("damp", 0.01)), refit=bool(o.get("refit", True)))

@@ -1,0 +1,101 @@
+"""Ternary weights (1.58 bits): w ≈ α · t, t ∈ {−1, 0, +1}, one α per row and group.
+
+Thresholds (per group, from its weights):
+  absmean (BitNet b1.58): α = mean |w|, t = clamp(round(w / α), −1, 1)  — i.e. zero below α/2
+  mse: threshold Δ searched over Δ = c · mean |w|, c ∈ {0.05, 0.10, ..., 1.5}; α = mean |w| over |w| > Δ (the
+       optimal scale for that support); the Δ with the least squared error wins
+With a Hessian (calibration data) the trits are chosen column by column with GPTQ error feedback: each group's
+(α, Δ) is fixed from the weights as updated when its first column comes up (as GPTQ fixes a group's grid), and once
+all trits are fixed the α are refit per row and group by H-weighted least squares. Without data (or
+`feedback: false`) it is plain per-group ternarization.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..formats.intq import default_group_index
+from ..formats.ternary import TernaryQuantized
+from .options import DAMP, FLAG, check_options, integer, number
+from .feedback import cholesky_factor, column_feedback, refit_groups
+
+FP16_TINY = 2.0**-24
+MSE_GRID = [0.05 * i for i in range(1, 31)]
+
+
+def group_params(w: torch.Tensor, threshold: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(α, Δ) per row of w [rows, g]: the group's scale and zeroing threshold."""
+    a = w.abs()
+    mean = a.mean(1)
+    if threshold == "absmean":
+        alpha = mean.clamp_min(FP16_TINY).half().float()
+        return alpha, alpha / 2
+    best_err = torch.full_like(mean, float("inf"))
+    best_a, best_d = mean.clone(), mean / 2
+    for c in MSE_GRID:
+        d = c * mean
+        keep = (a > d[:, None]).float()
+        alpha = ((a * keep).sum(1) / keep.sum(1).clamp_min(1)).clamp_min(FP16_TINY).half().float()
+        err = (a.square() * (1 - keep)).sum(1) + ((a - alpha[:, None]).square() * keep).sum(1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_a, best_d = torch.where(better, alpha, best_a), torch.where(better, d, best_d)
+    return best_a, best_d
+
+
+def ternarize(w: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    return torch.where(w.abs() > delta, torch.sign(w), torch.zeros_like(w))
+
+
+def ternary_quantize(w: torch.Tensor, H: torch.Tensor | None = None, group_size: int = 128, threshold: str = "absmean",
+                     feedback: bool = True, refit: bool = True, damp: float = 0.01, block: int = 128) -> TernaryQuantized:
+    if threshold not in ("absmean", "mse"):
+        raise ValueError(f"ternary threshold must be absmean or mse, got {threshold!r}")
+    rows, cols = w.shape
+    w = w.to(torch.float32)
+    g = group_size or cols
+    ng = -(-cols // g)
+    alpha = torch.empty(rows, ng)
+    if H is None or not feedback:
+        trits = torch.empty(rows, cols)
+        for gi, c0 in enumerate(range(0, cols, g)):
+            a, d = group_params(w[:, c0:c0 + g], threshold)
+            alpha[:, gi] = a
+            trits[:, c0:c0 + g] = ternarize(w[:, c0:c0 + g], d[:, None])
+    else:
+        dead, U = cholesky_factor(H, cols, damp)
+        W = w.clone()
+        W[:, dead] = 0
+        delta = torch.empty(rows, ng)
+        gidx = default_group_index(cols, group_size)
+
+        def start(j, rest):
+            if j % g == 0:  # first column of a group: fix its (α, Δ) from the weights as updated so far
+                a, d = group_params(rest()[: min(g, cols - j)].T, threshold)
+                alpha[:, j // g], delta[:, j // g] = a, d
+
+        def quant(j, wj):
+            gi = int(gidx[j])
+            return ternarize(wj, delta[:, gi]) * alpha[:, gi]
+
+        Q = column_feedback(W, U, quant, block_size=block, group_start=start)
+        trits = torch.sign(Q)
+        if refit:
+            alpha = refit_groups(w, H, trits, group_size, damp=damp)
+    return TernaryQuantized(trits=trits, scales=alpha.clamp(-65504, 65504).half(), group_size=group_size)
+
+
+class Ternary:
+    name = "ternary"
+    needs_hessian = False  # data-free without calibration (plain ternarization); GPTQ feedback with it
+    uses_bits = False
+
+    @staticmethod
+    def check_options(options: dict, where: str) -> None:
+        check_options(options, where, {"threshold": (lambda v: v in ("absmean", "mse"), "absmean or mse"), "feedback": FLAG, "refit": FLAG, "damp": DAMP})
+
+    def quantize(self, weight: torch.Tensor, spec, hessian=None) -> TernaryQuantized:
+        o = spec.options
+        return ternary_quantize(weight, hessian, group_size=spec.group_size, threshold=str(o.get("threshold", "absmean")),
+                                feedback=bool(o.get("feedback", True)), refit=bool(o.get("refit", True)),
+                                damp=float(o.get("damp", 0.01)))

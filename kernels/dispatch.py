@@ -1,6 +1,7 @@
 """One entry point per operation; picks the implementation from the tensors' device.
 
-    quant_linear(x, tensors, cfg, bias)   any llmq format: int -> int_matmul, others -> dequantize + F.linear
+    quant_linear(x, tensors, cfg, bias)   any llmq format: int -> int_matmul; billm/pbllm/ternary -> binary_triton.py
+                                          on CUDA; otherwise the format's torch decode + F.linear
     int_matmul(x, tensors, cfg, bias)     Triton on CUDA, the torch reference elsewhere
     hadamard_transform(x, hm, signs, inverse)   the fused online Hadamard transform of rotated layers (hadamard.py)
 
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from .reference import int_matmul_ref
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+BINARY_FORMATS = ("billm", "pbllm", "ternary")  # binary_triton.py on CUDA; the torch decode + F.linear elsewhere
 
 
 @functools.lru_cache(maxsize=None)
@@ -52,6 +54,10 @@ def int_matmul(x: torch.Tensor, packed: dict[str, torch.Tensor], cfg: dict, bias
 def quant_linear(x: torch.Tensor, packed: dict[str, torch.Tensor], cfg: dict, bias: torch.Tensor | None = None) -> torch.Tensor:
     if cfg["format"] == "int":
         return int_matmul(x, packed, cfg, bias)
+    if cfg["format"] in BINARY_FORMATS and use_triton(x):
+        from .binary_triton import binary_matmul_triton
+
+        return binary_matmul_triton(x, packed, cfg, bias)
     from llmq.formats import get_format
 
     w = get_format(cfg["format"]).dequantize(packed, cfg).to(x.dtype)

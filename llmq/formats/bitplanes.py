@@ -18,11 +18,15 @@ EMPTY_SLOT = 255  # an unused slot of a fixed-size sparse list (uint8 in-block o
 
 def pack_signs(sign: torch.Tensor) -> torch.Tensor:
     """±1 (or >= 0 / < 0) values [..., n] -> int32 words [..., ceil(n/32)]."""
+    if sign.shape[-1] == 0:
+        return torch.zeros(*sign.shape[:-1], 0, dtype=torch.int32)
     return pack_bits((sign >= 0).to(torch.uint8), 1)
 
 
 def unpack_signs(words: torch.Tensor, n: int) -> torch.Tensor:
     """int32 words -> fp32 ±1 [..., n]."""
+    if n == 0:
+        return torch.zeros(*words.shape[:-1], 0, device=words.device)
     return unpack_bits(words, 1, n).to(torch.float32).mul_(2).sub_(1)
 
 

@@ -44,19 +44,27 @@ def main():
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--rotations", default=",".join(ROTATIONS))
     ap.add_argument("--skip-reload-check", action="store_true")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads here and in the quantize subprocesses (1 is "
+                    "far faster than 2 on a CPU shared with other jobs: no barrier waits on descheduled threads)")
     ap.add_argument("--out", type=Path, default=REPO / "reports" / "rotation_smollm2")
+    ap.add_argument("--note", default="", help="a paragraph added to the report")
     a = ap.parse_args()
     os.environ.setdefault("LLMQ_DATA_DIR", str(SHARED / "data"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ["OMP_NUM_THREADS"] = str(a.threads)
+    torch.set_num_threads(a.threads)
     import llmq  # noqa: F401
     from llmq.loading import load_causal_lm
 
     jf = a.out.with_suffix(".json")
     results = json.loads(jf.read_text()) if jf.is_file() else {}
-    proto = {"limit": a.limit, "nsamples": a.nsamples, "seqlen": a.seqlen, "calib": "c4 (GPTQ only; RTN is data-free)"}
+    proto = {"limit": a.limit, "nsamples": a.nsamples, "seqlen": a.seqlen, "calib": "c4 (GPTQ only; RTN is data-free)",
+             "threads": a.threads}
     if results.get("protocol") not in (None, proto):
         sys.exit(f"{jf} was made with {results['protocol']}; remove it or pass the same settings")
     results["protocol"] = proto
+    if a.note:
+        results["note"] = a.note
     results.setdefault("runs", {})
     a.work.mkdir(parents=True, exist_ok=True)
 
@@ -143,8 +151,8 @@ def write_md(results: dict, path: Path) -> None:
              f"GPTQ calibration: C4, {pr['nsamples']} windows × {pr['seqlen']} tokens, seed 0; RTN runs data-free (`--calib none`). "
              "Symmetric grids, lm_head and embeddings kept unquantized. `python scripts/bench_rotation.py --limit "
              f"{pr['limit']} --nsamples {pr['nsamples']} --seqlen {pr['seqlen']}`.", "",
-             "| config | rotate | ppl | Δ vs none | bits/weight | mean layer output err | mean layer weight err | quantize (s) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| config | rotate | ppl | Δ vs none | bits/weight | checkpoint MB | mean layer output err | mean layer weight err | quantize (s) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     runs = results.get("runs", {})
     for cname in CONFIGS:
         base = runs.get(f"{cname}/none")
@@ -154,13 +162,15 @@ def write_md(results: dict, path: Path) -> None:
                 continue
             d = f"{r['ppl']['ppl'] - base['ppl']['ppl']:+.3f}" if base and rot != "none" else ""
             oe = f"{r['mean_layer_output_err']:.4f}" if r["mean_layer_output_err"] is not None else "–"
-            lines.append(f"| {cname} | {rot} | {r['ppl']['ppl']:.3f} | {d} | {r['bpw']:.4f} | {oe} | {r['mean_layer_weight_err']:.4f} | "
+            lines.append(f"| {cname} | {rot} | {r['ppl']['ppl']:.3f} | {d} | {r['bpw']:.4f} | {r['total_file_bytes'] / 1e6:.1f} | {oe} | {r['mean_layer_weight_err']:.4f} | "
                          f"{r['quantize_seconds']:.0f} |")
     rc = results.get("reload_check")
     if rc:
         lines += ["", f"Reload check (`{rc['command']}`): transformers-loaded checkpoint vs `quantize_` in memory, one 2048-token "
                   f"window: logits identical = **{rc['logits_identical']}** (max |Δ| {rc['max_abs_logit_diff']:.2e}); perplexity on 2 "
                   f"windows {rc['ppl_loaded_2win']:.4f} (loaded) vs {rc['ppl_in_memory_2win']:.4f} (in memory)."]
+    if results.get("note"):
+        lines += ["", results["note"]]
     path.write_text("\n".join(lines) + "\n")
 
 

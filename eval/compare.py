@@ -152,6 +152,7 @@ def plot_compare(results: dict, path: Path) -> Path:
             ax.set_yscale("log")
         ax.set_title(f"{label} ({'higher' if higher else 'lower'} is better)", fontsize=9)
         ax.set_xlabel("bits per weight (decoder linear layers)", fontsize=8)
+        ax.margins(x=0.25)  # room for the point labels
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(cols):]:
         ax.axis("off")

@@ -150,7 +150,8 @@ def write_md(results: dict, path: Path) -> None:
              f"({fp.get('tokens', '?')} tokens scored), fp32. fp model: **{fp.get('ppl', float('nan')):.3f}**. "
              f"GPTQ calibration: C4, {pr['nsamples']} windows × {pr['seqlen']} tokens, seed 0; RTN runs data-free (`--calib none`). "
              "Symmetric grids, lm_head and embeddings kept unquantized. `python scripts/bench_rotation.py --limit "
-             f"{pr['limit']} --nsamples {pr['nsamples']} --seqlen {pr['seqlen']}`.", "",
+             f"{pr['limit']} --nsamples {pr['nsamples']} --seqlen {pr['seqlen']} --threads {pr.get('threads', 2)}` (runs can be split with "
+             "`--configs`/`--rotations`; finished ones are kept).", "",
              "| config | rotate | ppl | Δ vs none | bits/weight | checkpoint MB | mean layer output err | mean layer weight err | quantize (s) |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     runs = results.get("runs", {})

@@ -58,6 +58,10 @@ def quant_linear(x: torch.Tensor, packed: dict[str, torch.Tensor], cfg: dict, bi
         from .binary_triton import binary_matmul_triton
 
         return binary_matmul_triton(x, packed, cfg, bias)
+    if cfg["format"] == "e8p" and use_triton(x):
+        from .e8p_triton import e8p_matmul_triton
+
+        return e8p_matmul_triton(x, packed, cfg, bias)
     from llmq.formats import get_format
 
     w = get_format(cfg["format"]).dequantize(packed, cfg).to(x.dtype)

@@ -53,6 +53,9 @@ class LayerSpec:
         check = getattr(METHODS[self.method], "check_options", None)  # method-specific knobs in `options`
         if check is not None:
             check(self.options, where)
+        check_spec = getattr(METHODS[self.method], "check_spec", None)  # method-specific limits (e8p: bits 2, 3, 4)
+        if check_spec is not None:
+            check_spec(self, where)
         return self
 
 

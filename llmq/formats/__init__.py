@@ -6,12 +6,13 @@ A layer's config (stored per layer in the checkpoint) names its format, so mixed
 """
 
 from .billm import BillmFormat
+from .e8p import E8PFormat
 from .intq import IntFormat, IntQuantized
 from .pbllm import PbllmFormat
 from .ternary import TernaryFormat
 
 FORMAT_VERSION = 1
-FORMATS = {f.name: f for f in (IntFormat, BillmFormat, PbllmFormat, TernaryFormat)}
+FORMATS = {f.name: f for f in (IntFormat, BillmFormat, PbllmFormat, TernaryFormat, E8PFormat)}
 
 
 def get_format(name: str):

@@ -2,11 +2,12 @@
 and returns a quantized value object of some packed format. One file per method."""
 
 from .billm import BiLLM
+from .e8p import E8P
 from .gptq import GPTQ
 from .pbllm import PBLLM
 from .rtn import RTN
 from .ternary import Ternary
 
-METHODS = {m.name: m for m in (RTN(), GPTQ(), BiLLM(), PBLLM(), Ternary())}
+METHODS = {m.name: m for m in (RTN(), GPTQ(), BiLLM(), PBLLM(), Ternary(), E8P())}
 
 __all__ = ["METHODS"]

@@ -1,0 +1,161 @@
+"""E8P lattice codebook + BlockLDLQ (+ per-layer Hadamard incoherence) on the shared SmolLM2-135M against GPTQ g128 at
+the same nominal bits, on the protocol of reports/rotation_smollm2.md and reports/binary_smollm2.md: WikiText-2 test
+perplexity (GPTQ protocol, ctx 2048, first --limit windows), C4 calibration (--nsamples x --seqlen, seed 0), stored bits
+per weight from the checkpoint bytes (codes, scales, rotation sign vectors, everything of each quantized layer), and
+file sizes on disk. Results accumulate in reports/e8p_smollm2.json (finished runs are skipped on a re-run, so it can run
+piecewise) and are tabulated in reports/e8p_smollm2.md.
+
+    python scripts/bench_e8p.py --limit 8 --nsamples 32 --seqlen 512 [--runs e8p-2bit-had,gptq-w2g128,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_binary import breakdown, ppl  # noqa: E402  (same perplexity protocol and byte breakdown)
+
+CALIB = "calib"
+RUNS = {  # name: (llmq quantize flags, recipe options or None, what it is)
+    "e8p-2bit-had": (["--method", "e8p", "--bits", "2", "--rotate", "hadamard", CALIB], None,
+                     "E8P 2-bit + BlockLDLQ + per-layer Hadamard incoherence"),
+    "gptq-w2g128": (["--method", "gptq", "--bits", "2", "--group-size", "128", "--sym", CALIB], None, "GPTQ 2-bit, group 128"),
+    "e8p-3bit-had": (["--method", "e8p", "--bits", "3", "--rotate", "hadamard", CALIB], None,
+                     "E8P + 1-bit E8 residual (RVQ) + BlockLDLQ + Hadamard"),
+    "gptq-w3g128": (["--method", "gptq", "--bits", "3", "--group-size", "128", "--sym", CALIB], None, "GPTQ 3-bit, group 128"),
+    "e8p-4bit-had": (["--method", "e8p", "--bits", "4", "--rotate", "hadamard", CALIB], None,
+                     "E8P + E8P residual (RVQ) + BlockLDLQ + Hadamard"),
+    "gptq-w4g128": (["--method", "gptq", "--bits", "4", "--group-size", "128", "--sym", CALIB], None, "GPTQ 4-bit, group 128"),
+    "e8p-2bit-had-nearest": (["--method", "e8p", "--bits", "2", "--rotate", "hadamard", "--calib", "none"], None,
+                             "E8P 2-bit + Hadamard, nearest codeword (no data, no BlockLDLQ)"),
+    "e8p-2bit-norot": (["--method", "e8p", "--bits", "2", CALIB], None, "E8P 2-bit + BlockLDLQ, no rotation"),
+    "e8p-2bit-had-search": (["--method", "e8p", "--bits", "2", "--rotate", "hadamard", CALIB], {"scale_search": True},
+                            "E8P 2-bit + BlockLDLQ + Hadamard, per-layer scale searched on the proxy loss"),
+}
+
+
+def save(results, out: Path):
+    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
+    write_md(results, out.with_suffix(".md"))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", type=Path, default=SHARED / "models/smollm2-135m-instruct-q4_1")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/llmq-e8p"))
+    ap.add_argument("--limit", type=int, default=8)
+    ap.add_argument("--nsamples", type=int, default=32)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--runs", default="e8p-2bit-had,e8p-3bit-had,gptq-w2g128,gptq-w3g128")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is faster on a CPU shared with other jobs)")
+    ap.add_argument("--out", type=Path, default=REPO / "reports" / "e8p_smollm2")
+    ap.add_argument("--keep", action="store_true", help="keep the checkpoints under --work")
+    a = ap.parse_args()
+    os.environ.setdefault("LLMQ_DATA_DIR", str(SHARED / "data"))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ["OMP_NUM_THREADS"] = str(a.threads)
+    torch.set_num_threads(a.threads)
+    import llmq  # noqa: F401
+    from llmq.inspect_ckpt import inspect_checkpoint
+    from llmq.loading import load_causal_lm
+
+    jf = a.out.with_suffix(".json")
+    results = json.loads(jf.read_text()) if jf.is_file() else {}
+    proto = {"limit": a.limit, "nsamples": a.nsamples, "seqlen": a.seqlen, "calib": "c4, seed 0", "threads": a.threads}
+    if results.get("protocol") not in (None, proto):
+        sys.exit(f"{jf} was made with {results['protocol']}; remove it or pass the same settings")
+    results["protocol"] = proto
+    results.setdefault("runs", {})
+    a.work.mkdir(parents=True, exist_ok=True)
+    if "fp" not in results:
+        model, tok, _ = load_causal_lm(str(a.model))
+        results["fp"] = ppl(model, tok, a.limit)
+        del model
+        save(results, a.out)
+        print(f"fp: {results['fp']['ppl']:.3f}", flush=True)
+
+    for key in a.runs.split(","):
+        if key in results["runs"]:
+            continue
+        flags, options, what = RUNS[key]
+        ckpt = a.work / key
+        shutil.rmtree(ckpt, ignore_errors=True)
+        cmd = ["llmq", "quantize", str(a.model), "-o", str(ckpt)]
+        for f in flags:
+            cmd += ["--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen)] if f == CALIB else [f]
+        if options:
+            rec = Path(tempfile.mkdtemp()) / f"{key}.yaml"
+            rec.write_text(json.dumps({"options": options}))
+            cmd += ["--recipe", str(rec)]
+        t0 = time.time()
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode != 0:
+            sys.exit(f"{' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
+        qsec = time.time() - t0
+        rep = json.loads((ckpt / "llmq_report.json").read_text())
+        errs = [r["output_err"] for r in rep["layers"] if r["output_err"] is not None]
+        info = inspect_checkpoint(str(ckpt))
+        cfgs = json.loads((ckpt / "config.json").read_text())["quantization_config"]["layers"]
+        t1 = time.time()
+        model, tok, _ = load_causal_lm(str(ckpt))
+        r = ppl(model, tok, a.limit)
+        del model
+        results["runs"][key] = {
+            "what": what, "command": " ".join(cmd) + (f"   # recipe: {json.dumps({'options': options})}" if options else ""),
+            "quantize_seconds": qsec, "eval_seconds": time.time() - t1, "bpw": info["quantized_bpw"],
+            "quantized_bytes": info["quantized_bytes"], "quantized_weights": info["quantized_weights"],
+            "total_file_bytes": info["total_file_bytes"], "unquantized_tensor_bytes": info["unquantized_tensor_bytes"],
+            "bytes_by_tensor": breakdown(ckpt, cfgs),
+            "bpw_range": [min(x["bpw"] for x in info["layers"]), max(x["bpw"] for x in info["layers"])],
+            "mean_layer_output_err": sum(errs) / len(errs) if errs else None,
+            "mean_layer_weight_err": sum(x["weight_err"] for x in rep["layers"]) / len(rep["layers"]),
+            "ppl": r}
+        save(results, a.out)
+        print(f"{key}: ppl {r['ppl']:.3f} (quantize {qsec:.0f} s, {info['quantized_bpw']:.4f} bpw)", flush=True)
+        if not a.keep:
+            shutil.rmtree(ckpt, ignore_errors=True)
+    save(results, a.out)
+
+
+def write_md(results: dict, path: Path) -> None:
+    pr = results["protocol"]
+    fp = results.get("fp", {})
+    runs = results.get("runs", {})
+    lines = ["# E8P lattice codebook (QuIP#) on SmolLM2-135M-Instruct (shared Q4_1 GGUF, dequantized)", "",
+             f"WikiText-2 raw test, GPTQ protocol, ctx 2048, first **{pr['limit']}** windows ({fp.get('tokens', '?')} tokens "
+             f"scored), fp32. fp model: **{fp.get('ppl', float('nan')):.3f}**. Calibration (all but `--calib none` rows): C4, "
+             f"{pr['nsamples']} windows × {pr['seqlen']} tokens, seed 0. lm_head (tied to the embeddings) and embeddings kept "
+             f"unquantized. `python scripts/bench_e8p.py --limit {pr['limit']} --nsamples {pr['nsamples']} --seqlen {pr['seqlen']}` "
+             f"(torch threads: {pr['threads']}).", "",
+             "Bits/weight = 8 × (bytes of every stored tensor of the quantized linear layers: codes, scales, zero points, "
+             "rotation sign vectors) / their weight count, as `llmq inspect` computes it from the safetensors headers.", "",
+             "| run | what | ppl | bits/weight (all layers) | per-layer range | linear-layer MB | checkpoint MB | mean layer output err | quantize (s) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for key, r in runs.items():
+        oe = f"{r['mean_layer_output_err']:.4f}" if r["mean_layer_output_err"] is not None else "–"
+        lines.append(f"| {key} | {r['what']} | {r['ppl']['ppl']:.2f} | {r['bpw']:.4f} | {r['bpw_range'][0]:.3f}–{r['bpw_range'][1]:.3f} | "
+                     f"{r['quantized_bytes'] / 1e6:.2f} | {r['total_file_bytes'] / 1e6:.1f} | {oe} | {r['quantize_seconds']:.0f} |")
+    lines += ["", "Where the bytes go (quantized linear layers only, bits per weight by tensor):", ""]
+    for key, r in runs.items():
+        parts = ", ".join(f"{k} {8 * v / r['quantized_weights']:.4f}" for k, v in sorted(r["bytes_by_tensor"].items(), key=lambda kv: -kv[1]))
+        lines.append(f"- **{key}**: {parts}")
+    lines += ["", "Commands:", ""] + [f"- `{r['command']}`" for r in runs.values()]
+    if results.get("note"):
+        lines += ["", results["note"]]
+    path.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -62,6 +62,10 @@ def quant_linear(x: torch.Tensor, packed: dict[str, torch.Tensor], cfg: dict, bi
         from .e8p_triton import e8p_matmul_triton
 
         return e8p_matmul_triton(x, packed, cfg, bias)
+    if cfg["format"] == "vq" and use_triton(x):
+        from .vq_triton import vq_matmul_triton
+
+        return vq_matmul_triton(x, packed, cfg, bias)
     from llmq.formats import get_format
 
     w = get_format(cfg["format"]).dequantize(packed, cfg).to(x.dtype)

@@ -10,9 +10,10 @@ from .e8p import E8PFormat
 from .intq import IntFormat, IntQuantized
 from .pbllm import PbllmFormat
 from .ternary import TernaryFormat
+from .vq import VQFormat
 
 FORMAT_VERSION = 1
-FORMATS = {f.name: f for f in (IntFormat, BillmFormat, PbllmFormat, TernaryFormat, E8PFormat)}
+FORMATS = {f.name: f for f in (IntFormat, BillmFormat, PbllmFormat, TernaryFormat, VQFormat, E8PFormat)}
 
 
 def get_format(name: str):

@@ -7,7 +7,8 @@ from .gptq import GPTQ
 from .pbllm import PBLLM
 from .rtn import RTN
 from .ternary import Ternary
+from .vq import VQ
 
-METHODS = {m.name: m for m in (RTN(), GPTQ(), BiLLM(), PBLLM(), Ternary(), E8P())}
+METHODS = {m.name: m for m in (RTN(), GPTQ(), BiLLM(), PBLLM(), Ternary(), VQ(), E8P())}
 
 __all__ = ["METHODS"]

@@ -40,7 +40,9 @@ def quantize_(model, recipe: Recipe | None = None, calib_ids: torch.Tensor | Non
         calib = Calibration(hidden, pos_emb, batch_size) if hidden is not None else None
         tensors, cfgs, block_rows = quantize_block(block, prefix, adapter, recipe, dtype, calib)
         install_quantized(block, prefix, tensors, cfgs)
-        if hidden is not None:
+        if calib is not None and calib.output is not None:
+            hidden = calib.output  # a staged (true-sequential) pass already ran the samples through it
+        elif hidden is not None:
             hidden = forward_block(block, hidden, pos_emb, batch_size)
         layers.update(cfgs)
         rows.extend(block_rows)

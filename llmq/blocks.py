@@ -4,6 +4,7 @@ each block's class and layout; a real rotary embedding gives the position embedd
 from __future__ import annotations
 
 import copy
+import threading
 from contextlib import contextmanager
 
 import torch
@@ -35,16 +36,20 @@ def forward_block(block: nn.Module, hidden: torch.Tensor, position_embeddings, b
     return out
 
 
+def dense_forward(m: nn.Module) -> nn.Module:
+    """Make packed layer `m` compute with its weight dequantized once (the same values its packed matmul
+    uses) instead of unpacking it on every call: for the many calibration samples passing through a block."""
+    w, b = m.dequantize(), m.bias
+    m._forward_packed = lambda x, w=w, b=b: F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
+    return m
+
+
 @contextmanager
 def dequantized_once(block: nn.Module):
-    """While many calibration samples pass through a block, each packed layer computes with its weight
-    dequantized once (the same values its packed matmul uses) instead of unpacking it on every call."""
+    """`dense_forward` for every packed layer of `block` while the context is open."""
     from .modules import LlmqLinear
 
-    patched = [m for m in block.modules() if isinstance(m, LlmqLinear)]
-    for m in patched:
-        w, b = m.dequantize(), m.bias
-        m._forward_packed = lambda x, w=w, b=b: F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
+    patched = [dense_forward(m) for m in block.modules() if isinstance(m, LlmqLinear)]
     try:
         yield
     finally:
@@ -79,3 +84,127 @@ class BlockFactory:
     def position_embeddings(self, seqlen: int):
         x = torch.zeros(1, seqlen, 1)
         return self.rotary(x, torch.arange(seqlen).unsqueeze(0))
+
+
+class _StagePoint(nn.Module):
+    """Stands in for one linear layer during a staged pass: the first layer of stage k that a sample reaches
+    hands its input to the runner and pauses that sample; on resume it runs whatever `inner` is by then (the
+    quantized layer, once stage k has been quantized)."""
+
+    def __init__(self, inner: nn.Module, stage: int, runner: "StagedPass"):
+        super().__init__()
+        self.inner, self.stage = inner, stage
+        object.__setattr__(self, "runner", runner)  # not a submodule
+
+    def forward(self, x):
+        self.runner.arrive(self.stage, x)
+        return self.inner(x)
+
+
+class _Abort(BaseException):
+    """Unwinds a paused sample when the pass is abandoned (an error elsewhere)."""
+
+
+class StagedPass:
+    """One forward pass of all calibration samples through a block, stopping at each linear group in turn.
+
+    True-sequential GPTQ needs, for each group of linear layers (q/k/v, o, gate/up, down), the inputs that
+    all samples produce with the *earlier* groups already quantized. Re-running the block from its start for
+    every group costs ~2.5 passes; here every sample runs as a paused coroutine (its own thread, only one
+    running at a time): all samples advance to group k's input, `on_stage(k, inputs…)` quantizes group k,
+    then they continue through the quantized layers to group k+1. One pass in total, and its output is the
+    quantized block's output — the hidden states the next block needs. The price is memory: all samples'
+    intermediate activations are alive at once (see `staged_pass_bytes`)."""
+
+    def __init__(self, block: nn.Module, groups: list[list[str]], on_input, on_stage):
+        self.block, self.groups, self.on_input, self.on_stage = block, groups, on_input, on_stage
+        self._local = threading.local()
+        self._abort = False
+
+    def arrive(self, stage: int, x: torch.Tensor) -> None:
+        me = self._local.worker
+        if stage <= me["stage"]:
+            return  # a later layer of a group this sample has already passed
+        if stage != me["stage"] + 1:
+            raise RuntimeError(f"linear group {self.groups[stage]} was reached before group {self.groups[me['stage'] + 1]}")
+        me["stage"] = stage
+        self.on_input(stage, x)
+        self._pause(me)
+
+    def _pause(self, me) -> None:
+        me["paused"].set()
+        me["go"].wait()
+        me["go"].clear()
+        if self._abort:
+            raise _Abort
+
+    def run(self, hidden: torch.Tensor, position_embeddings, batch_size: int = 1) -> torch.Tensor:
+        from .modules import set_submodule
+
+        seqlen = hidden.shape[1]
+        pos = torch.arange(seqlen).unsqueeze(0)
+        out = torch.empty_like(hidden)
+        names = {n: k for k, g in enumerate(self.groups) for n in g}
+        originals = {n: self.block.get_submodule(n) for n in names}
+        for n, k in names.items():
+            set_submodule(self.block, n, _StagePoint(originals[n], k, self))
+        workers = []
+
+        def work(me, s):
+            self._local.worker = me
+            try:
+                me["go"].wait()
+                me["go"].clear()
+                if self._abort:
+                    return
+                with torch.no_grad():
+                    y = self.block(hidden[s : s + batch_size], attention_mask=None, position_ids=pos,
+                                   position_embeddings=position_embeddings, use_cache=False)
+                out[s : s + batch_size] = y[0] if isinstance(y, tuple) else y
+                me["stage"] = len(self.groups)
+            except _Abort:
+                pass
+            except BaseException as e:  # noqa: BLE001 - handed to the main thread
+                me["error"] = e
+            finally:
+                me["paused"].set()
+
+        try:
+            for s in range(0, hidden.shape[0], batch_size):
+                me = {"stage": -1, "go": threading.Event(), "paused": threading.Event(), "error": None}
+                me["thread"] = threading.Thread(target=work, args=(me, s), daemon=True)
+                me["thread"].start()
+                workers.append(me)
+            for k in range(len(self.groups) + 1):
+                for me in workers:  # advance each sample, one at a time, to group k (k = end: through the block)
+                    me["paused"].clear()
+                    me["go"].set()
+                    me["paused"].wait()
+                    if me["error"] is not None:
+                        raise me["error"]
+                    if me["stage"] != k:
+                        raise RuntimeError(f"a calibration sample never reached linear group {self.groups[k]}")
+                if k < len(self.groups):
+                    self.on_stage(k)
+        finally:
+            self._abort = True
+            for me in workers:
+                me["go"].set()
+            for me in workers:
+                me["thread"].join()
+            for n in names:
+                point = self.block.get_submodule(n)
+                set_submodule(self.block, n, point.inner if isinstance(point, _StagePoint) else point)
+        return out
+
+    def replace(self, name: str, module: nn.Module) -> None:
+        """Put the quantized layer in place of `name`; paused samples use it when they resume."""
+        self.block.get_submodule(name).inner = module
+
+
+def staged_pass_bytes(config, tokens: int) -> int:
+    """Rough peak of a staged pass: every sample's activations inside the block are alive at once
+    (residual, normed input, q/k/v, attention output, MLP gate/up/product)."""
+    d = config.hidden_size
+    ffn = getattr(config, "intermediate_size", 4 * d)
+    return 4 * tokens * (6 * d + 3 * ffn)

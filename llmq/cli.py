@@ -55,7 +55,7 @@ def quantize(
     group_size: Annotated[Optional[int], typer.Option(help="Input features per scale group; 0 = per output channel (default 128). A group size that does not divide a row gives a shorter last group.")] = None,
     sym: Annotated[Optional[bool], typer.Option("--sym/--asym", help="Symmetric grid (no zero point) or asymmetric (default: symmetric).")] = None,
     mse_clip: Annotated[Optional[bool], typer.Option("--mse-clip/--no-mse-clip", help="Search a clipped range per group minimising squared error (default off).")] = None,
-    act_order: Annotated[Optional[bool], typer.Option("--act-order/--no-act-order", help="GPTQ: quantize columns in decreasing Hessian-diagonal order, with static groups (default off).")] = None,
+    act_order: Annotated[Optional[bool], typer.Option("--act-order/--no-act-order", help="GPTQ: quantize columns in decreasing Hessian-diagonal order, with static groups: no inference cost (default on).")] = None,
     true_sequential: Annotated[Optional[bool], typer.Option("--true-sequential/--block-sequential", help="Re-collect each linear group's inputs after the groups before it in the block are quantized (default: block at a time).")] = None,
     rotate: Annotated[str, typer.Option(help="Rotation before quantization: none; hadamard (per-layer randomized Hadamard incoherence, applied online at inference); residual (residual-stream rotation with RMSNorm folding, zero inference cost; unties the head); both.")] = "none",
     recipe: Annotated[Optional[Path], typer.Option(help="YAML recipe (defaults plus per-layer regex overrides); flags given here override its defaults.")] = None,
@@ -78,6 +78,10 @@ def quantize(
     for key, val in (("method", method), ("bits", bits), ("group_size", group_size), ("sym", sym), ("mse_clip", mse_clip)):
         if val is not None:
             setattr(r.default, key, val)
+    if group_size is None and recipe is None:  # a method's own default group size (nf4: 64, QLoRA's block size)
+        from .methods import METHODS
+
+        r.default.group_size = getattr(METHODS.get(r.default.method), "default_group_size", r.default.group_size)
     if true_sequential is not None:
         r.true_sequential = true_sequential
     if act_order is not None:

@@ -178,6 +178,7 @@ def _quantize_blocks(job, source, adapter, factory, recipe, ids, work, out_dtype
     for i in range(n_blocks):
         prefix = adapter.block_prefix(i)
         shard = work / shard_name(i, n_shards)
+        staged_out = None  # the quantized block's output, when quantizing computed it already
         if shard.is_file():
             tensors, layer_cfgs = load_shard(shard)
             block_rows = json.loads((work / f"report-{i:05d}.json").read_text())
@@ -189,10 +190,13 @@ def _quantize_blocks(job, source, adapter, factory, recipe, ids, work, out_dtype
                 tensors_src.release(prefix)
             calib = Calibration(hidden, pos_emb, job.batch_size) if hidden is not None else None
             tensors, layer_cfgs, block_rows = quantize_block(block, prefix, adapter, recipe, out_dtype, calib)
+            staged_out = calib.output if calib is not None else None
             del block, calib
             (work / f"report-{i:05d}.json").write_text(json.dumps(block_rows))
             save_atomic(tensors, shard, metadata={"llmq_layers": json.dumps(layer_cfgs)})
-        if hidden is not None:
+        if staged_out is not None:
+            hidden = staged_out
+        elif hidden is not None:
             qblock = install_quantized(factory.meta_block(i), prefix, tensors, layer_cfgs)
             hidden = forward_block(qblock, hidden, pos_emb, job.batch_size)
             del qblock

@@ -1,6 +1,7 @@
 """Peer run for scripts/bench_gptq.py: llm-compressor's GPTQModifier on the same model and the same
 calibration token windows, then the same llmq perplexity function on the resulting model object.
-Usage: python peer_llmcompressor.py FP_DIR CALIB_PT BITS GROUP LIMIT OUT_JSON [--act-order]"""
+Usage: python peer_llmcompressor.py FP_DIR CALIB_PT BITS GROUP LIMIT OUT_JSON [--no-act-order]
+Default: GPTQModifier's own default, static act-order (stated explicitly below)."""
 
 import json
 import os
@@ -19,14 +20,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 def main():
     fp_dir, calib_pt, bits, group, limit, out_json = sys.argv[1:7]
-    act_order = "--act-order" in sys.argv
+    act_order = "--no-act-order" not in sys.argv
     ids = torch.load(calib_pt)
     ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     model = AutoModelForCausalLM.from_pretrained(fp_dir, dtype=torch.float32)
     weights = {"num_bits": int(bits), "type": "int", "symmetric": True, "strategy": "group", "group_size": int(group)}
-    if act_order:
-        weights["actorder"] = "static"
-    recipe = GPTQModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": weights}}, ignore=["lm_head"],
+    recipe = GPTQModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": weights}}, ignore=["lm_head"], actorder="static" if act_order else None,
                           block_size=128, dampening_frac=0.01)
     oneshot(model=model, dataset=ds, recipe=recipe, max_seq_length=ids.shape[1], num_calibration_samples=ids.shape[0],
             shuffle_calibration_samples=False)

@@ -61,11 +61,14 @@ def test_act_order_checkpoint_reloads_identically(tiny_model, tmp_path):
     recipe = Recipe.from_dict({"method": "gptq", "bits": 3, "group_size": 64, "options": {"act_order": True}})
     quantize_(ref, recipe, calib_ids=ids)
     no_ao = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    quantize_(no_ao, Recipe.from_dict({"method": "gptq", "bits": 3, "group_size": 64}), calib_ids=ids)
+    quantize_(no_ao, Recipe.from_dict({"method": "gptq", "bits": 3, "group_size": 64, "options": {"act_order": False}}), calib_ids=ids)
+    default = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    quantize_(default, Recipe.from_dict({"method": "gptq", "bits": 3, "group_size": 64}), calib_ids=ids)  # act-order is the default
     x = ids[:2]
     with torch.no_grad():
         assert torch.equal(loaded(x).logits, ref(x).logits)
         assert not torch.equal(loaded(x).logits, no_ao(x).logits)
+        assert torch.equal(loaded(x).logits, default(x).logits)
     assert loaded.config.quantization_config.layers["model.layers.0.mlp.up_proj"]["method"] == "gptq"
     rows = json.loads((out / "llmq_report.json").read_text())["layers"]  # per-layer GPTQ and RTN errors, stored
     assert len(rows) == 21 and sum(r["output_err"] for r in rows) < sum(r["rtn_output_err"] for r in rows)
@@ -111,3 +114,59 @@ def test_true_sequential_differs_and_reloads(tiny_model, tmp_path):
     # q/k/v are quantized first in both modes from the same inputs, so block 0's q_proj agrees exactly
     a = seq.model.layers[0].self_attn.q_proj.qweight
     assert torch.equal(a, blk.model.layers[0].self_attn.q_proj.qweight)
+
+
+def test_staged_true_sequential_equals_rerun_and_replay(tiny_model, monkeypatch):
+    """The one-pass staged true-sequential mode (blocks.StagedPass) gives exactly the tensors of the mode that
+    re-runs the block for each linear group, and its output equals running the samples through the block
+    rebuilt from the written tensors (what the pipeline replays on resume)."""
+    from llmq.adapters import adapter_for
+    from llmq.blocks import BlockFactory, forward_block
+    from llmq.calib import CalibConfig, calibration_ids
+    from llmq.quantize_block import Calibration, install_quantized, quantize_block
+    from llmq.source import ModelSource
+
+    src = ModelSource(str(tiny_model))
+    adapter = adapter_for(src.config)
+    factory = BlockFactory(src.config, adapter)
+    ids = calibration_ids(CalibConfig("c4", 5, 48, 0, str(DATA)), src.tokenizer())
+    hidden = torch.nn.functional.embedding(ids, src.tensors.get("model.embed_tokens.weight").float())
+    pos = factory.position_embeddings(48)
+    state = {k[len("model.layers.1."):]: src.tensors.get(k) for k in src.tensors.keys() if k.startswith("model.layers.1.")}
+    recipe = Recipe.from_dict({"method": "gptq", "bits": 3, "group_size": 32, "true_sequential": True}).validate()
+    runs = {}
+    for staged in ("1", "0"):
+        monkeypatch.setenv("LLMQ_STAGED", staged)
+        calib = Calibration(hidden, pos, 2)  # batches of 2: the last worker gets a single sample
+        runs[staged] = (*quantize_block(factory.block(1, dict(state)), "model.layers.1.", adapter, recipe, torch.float16, calib), calib.output)
+    (t1, c1, _, out1), (t0, c0, _, out0) = runs["1"], runs["0"]
+    assert out1 is not None and out0 is None  # only the staged pass leaves the block's output
+    assert c1 == c0 and t1.keys() == t0.keys()
+    for k in t1:
+        assert torch.equal(t1[k], t0[k]), k
+    replay = forward_block(install_quantized(factory.meta_block(1), "model.layers.1.", t1, c1), hidden, pos, 2)
+    assert torch.equal(out1, replay)
+
+
+def test_staged_pass_error_unwinds(tiny_model):
+    """An error while quantizing a stage reaches the caller and leaves no paused sample threads behind."""
+    import threading
+
+    from llmq.adapters import adapter_for
+    from llmq.blocks import BlockFactory, StagedPass
+
+    src_cfg = AutoModelForCausalLM.from_pretrained(tiny_model).config
+    adapter = adapter_for(src_cfg)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    block = model.model.layers[0]
+    factory = BlockFactory(src_cfg, adapter)
+    before = threading.active_count()
+
+    def on_stage(k):
+        if k == 1:
+            raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom"):
+        StagedPass(block, adapter.linear_groups, lambda k, x: None, on_stage).run(torch.randn(3, 16, src_cfg.hidden_size), factory.position_embeddings(16))
+    assert threading.active_count() == before
+    assert type(block.self_attn.q_proj) is torch.nn.Linear  # stand-ins removed

@@ -129,6 +129,12 @@ def _gptq(w, H, bits, group_size, sym, mse_clip, act_order, damp, block_size, he
     )
 
 
+# Static act-order costs nothing at inference (groups stay `column // group_size`) and is much better on
+# models with outlier input channels (SmolLM2 w4 g64, 2 WikiText-2 windows: 24.27 with, 29.46 without);
+# llm-compressor's GPTQModifier defaults to it too.
+ACT_ORDER_DEFAULT = True
+
+
 class GPTQ:
     name = "gptq"
     needs_hessian = True
@@ -138,6 +144,6 @@ class GPTQ:
             raise ValueError("GPTQ needs the layer's input Hessian (calibration data)")
         o = spec.options
         return gptq_quantize(weight, hessian, spec.bits, spec.group_size, spec.sym, spec.mse_clip,
-                             act_order=bool(o.get("act_order", False)), damp=float(o.get("damp", 0.01)),
+                             act_order=bool(o.get("act_order", ACT_ORDER_DEFAULT)), damp=float(o.get("damp", 0.01)),
                              block_size=int(o.get("block_size", 128)),
                              hessian_dtype=torch.float64 if o.get("fp64") else torch.float32)

@@ -58,14 +58,18 @@ def quant_linear(x: torch.Tensor, packed: dict[str, torch.Tensor], cfg: dict, bi
         from .binary_triton import binary_matmul_triton
 
         return binary_matmul_triton(x, packed, cfg, bias)
-    if cfg["format"] == "e8p" and use_triton(x):
-        from .e8p_triton import e8p_matmul_triton
-
-        return e8p_matmul_triton(x, packed, cfg, bias)
     if cfg["format"] == "vq" and use_triton(x):
         from .vq_triton import vq_matmul_triton
 
         return vq_matmul_triton(x, packed, cfg, bias)
+    if cfg["format"] == "lut" and use_triton(x):  # nf4 / any4 / higgs: table lookup fused into the matmul
+        from .lut_triton import lut_matmul_triton
+
+        return lut_matmul_triton(x, packed, cfg, bias)
+    if cfg["format"] == "e8p" and use_triton(x):
+        from .e8p_triton import e8p_matmul_triton
+
+        return e8p_matmul_triton(x, packed, cfg, bias)
     from llmq.formats import get_format
 
     w = get_format(cfg["format"]).dequantize(packed, cfg).to(x.dtype)

@@ -8,12 +8,13 @@ A layer's config (stored per layer in the checkpoint) names its format, so mixed
 from .billm import BillmFormat
 from .e8p import E8PFormat
 from .intq import IntFormat, IntQuantized
+from .lut import LutFormat
 from .pbllm import PbllmFormat
 from .ternary import TernaryFormat
 from .vq import VQFormat
 
 FORMAT_VERSION = 1
-FORMATS = {f.name: f for f in (IntFormat, BillmFormat, PbllmFormat, TernaryFormat, VQFormat, E8PFormat)}
+FORMATS = {f.name: f for f in (IntFormat, BillmFormat, PbllmFormat, TernaryFormat, VQFormat, E8PFormat, LutFormat)}
 
 
 def get_format(name: str):

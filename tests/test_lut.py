@@ -1,0 +1,319 @@
+"""Lookup-table methods (nf4, any4, higgs) and their "lut" format: the NF4 table against the published values, the
+Gaussian grids' optimality conditions, exact pack/unpack round trips, any4's activation weighting, the Triton
+decode-matmul under the interpreter, and checkpoints that reload in transformers with identical logits."""
+
+import json
+import math
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from conftest import DATA, SMOLLM, tensors_of  # noqa: E402
+from llmq.api import quantize_  # noqa: E402
+from llmq.cli import app  # noqa: E402
+from llmq.formats import get_format  # noqa: E402
+from llmq.formats.lut import decode_rotated  # noqa: E402
+from llmq.formats.packing import unpack_bits  # noqa: E402
+from llmq.inspect_ckpt import inspect_checkpoint  # noqa: E402
+from llmq.methods.any4 import any4_quantize, weighted_error  # noqa: E402
+from llmq.methods.grids import gaussian_grid, gaussian_mse_1d, lloyd_max_1d, nearest_2d, nf4_table  # noqa: E402
+from llmq.methods.higgs import higgs_quantize  # noqa: E402
+from llmq.methods.nf4 import nf4_quantize  # noqa: E402
+from llmq.methods.rtn import rtn_quantize  # noqa: E402
+from llmq.modules import layer_tensor_specs  # noqa: E402
+from llmq.quantize_block import packed_bits_per_weight  # noqa: E402
+from llmq.recipe import Recipe  # noqa: E402
+
+# bitsandbytes' NF4 table (QLoRA appendix E), float32 values as published
+NF4_PUBLISHED = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+                 -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+                 0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+                 0.7229568362236023, 1.0]
+
+
+def toy_layer(n=40, k=300, seed=0, outliers=True):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    if outliers:
+        w[torch.rand(n, k, generator=g) < 0.01] *= 6
+    x = torch.randn(256, k, generator=g) * (0.2 + 4 * torch.rand(k, generator=g) ** 3)  # very uneven input channels
+    return w, 2 * x.T @ x / 256
+
+
+# ---- grids ---------------------------------------------------------------------------------------------------------
+
+def test_nf4_table_matches_the_published_values():
+    t = nf4_table()
+    assert t.shape == (16,) and t[7] == 0 and t[0] == -1 and t[-1] == 1
+    assert int((t > 0).sum()) == 8 and int((t < 0).sum()) == 7
+    assert torch.allclose(t, torch.tensor(NF4_PUBLISHED, dtype=torch.float64), atol=2e-7, rtol=0)
+
+
+def _integrate(f, a, b, n=200001):
+    x = torch.linspace(a, b, n, dtype=torch.float64)
+    return torch.trapezoid(f(x), x)
+
+
+@pytest.mark.parametrize("bits,known", [(1, 0.3634), (2, 0.1175), (3, 0.03455), (4, 0.009501)])
+def test_lloyd_max_grids_are_optimal_for_the_normal(bits, known):
+    lv = lloyd_max_1d(bits)
+    assert lv.shape == (1 << bits,) and torch.all(lv[1:] > lv[:-1]) and torch.allclose(lv, -lv.flip(0))
+    pdf = lambda x: torch.exp(-x * x / 2) / math.sqrt(2 * math.pi)  # noqa: E731
+    edges = [-12.0] + ((lv[1:] + lv[:-1]) / 2).tolist() + [12.0]  # nearest-neighbour cells: midpoint thresholds
+    for i in range(len(lv)):  # centroid condition, checked by independent numerical integration
+        mass = _integrate(pdf, edges[i], edges[i + 1])
+        mean = _integrate(lambda x: x * pdf(x), edges[i], edges[i + 1]) / mass
+        assert abs(float(mean) - float(lv[i])) < 1e-6
+    mse = gaussian_mse_1d(lv)
+    mse_num = sum(float(_integrate(lambda x: (x - lv[i]) ** 2 * pdf(x), edges[i], edges[i + 1])) for i in range(len(lv)))
+    assert mse == pytest.approx(mse_num, rel=1e-6) and mse == pytest.approx(known, rel=2e-3)
+    # better than the best uniform grid with as many levels (step searched finely); with 2 levels they coincide
+    n = 1 << bits
+    best_uniform = min(gaussian_mse_1d((torch.arange(n, dtype=torch.float64) - (n - 1) / 2) * s)
+                       for s in torch.linspace(0.05, 2.0, 400).tolist())
+    assert mse < best_uniform * 0.999 if bits > 1 else mse <= best_uniform * (1 + 1e-9)
+    # and perturbing any level makes it worse (a local optimum, not just a fixed point)
+    for i in range(n):
+        for eps in (1e-3, -1e-3):
+            p = lv.clone()
+            p[i] += eps
+            assert gaussian_mse_1d(p) > mse
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_2d_grids_satisfy_lloyd_conditions_and_beat_the_1d_grid(bits):
+    grid = gaussian_grid(bits, 2).double()
+    assert grid.shape == (1 << (2 * bits), 2) and torch.unique(grid, dim=0).shape[0] == grid.shape[0]
+    x = torch.randn(1 << 19, 2, generator=torch.Generator().manual_seed(1234), dtype=torch.float64)  # a fresh sample
+    a = nearest_2d(x, grid)
+    sub = x[:4096]
+    assert torch.equal(a[:4096], torch.cdist(sub, grid).argmin(1))  # nearest-neighbour search is exact
+    cnt = torch.bincount(a, minlength=grid.shape[0]).double()
+    assert int((cnt == 0).sum()) == 0
+    cent = torch.zeros_like(grid).index_add_(0, a, x) / cnt[:, None]
+    var = torch.zeros(grid.shape[0], dtype=torch.float64).index_add_(0, a, ((x - grid[a]) ** 2).sum(1)) / cnt
+    se = (var / cnt).sqrt()  # sampling error of each cell's mean
+    assert float(((cent - grid).norm(dim=1) / se).max()) < 6  # centroid condition, to sampling accuracy
+    mse2 = float(((x - grid[a]) ** 2).sum(1).mean()) / 2
+    mse1 = gaussian_mse_1d(lloyd_max_1d(bits))  # the product of two optimal 1-d grids, same bits per weight
+    assert mse2 < 0.97 * mse1, (mse2, mse1)
+
+
+# ---- format: round trips and bits per weight -------------------------------------------------------------------------
+
+QUANTIZERS = {
+    "nf4-g64": lambda w, H: nf4_quantize(w, 64),  # 300 = 4·64 + 44: shorter last group
+    "nf4-pc": lambda w, H: nf4_quantize(w, 0),
+    "any4-g96": lambda w, H: any4_quantize(w, H, 96),
+    "any4-pc-nocalib": lambda w, H: any4_quantize(w, None, 0),
+    "higgs4-d1": lambda w, H: higgs_quantize(w, 4, 64),
+    "higgs3-d1-mse": lambda w, H: higgs_quantize(w, 3, 128, scale="mse"),
+    "higgs2-d1-norot": lambda w, H: higgs_quantize(w, 2, 64, rotate=False),
+    "higgs4-d2": lambda w, H: higgs_quantize(w, 4, 64, dim=2),
+    "higgs3-d2": lambda w, H: higgs_quantize(w, 3, 64, dim=2),  # 6-bit codes straddle words
+    "higgs2-d2": lambda w, H: higgs_quantize(w, 2, 128, dim=2),
+    "higgs3-d2-norot": lambda w, H: higgs_quantize(w, 3, 64, dim=2, rotate=False),  # odd K: the last pair is half padding
+}
+ROTATED = {name for name in QUANTIZERS if name.startswith("higgs") and "norot" not in name}
+
+
+def hand_decode(q, k):
+    """The weight from the unpacked fields, by explicit loops over the documented layout (float64)."""
+    n = q.codes.shape[0]
+    g = q.group_size or k
+    tab = q.table.double()
+    w = torch.zeros(n, k, dtype=torch.float64)
+    for j in range(k):
+        c = q.codes[:, j // q.dim].long()
+        v = tab[torch.arange(n), c] if q.table_kind == "row" else tab[c, j % q.dim]
+        w[:, j] = v * q.scales[:, j // g].double()
+    return w
+
+
+@pytest.mark.parametrize("name", sorted(QUANTIZERS))
+@pytest.mark.parametrize("k", [300, 301])
+def test_packed_layer_round_trips_exactly(name, k):
+    if name in ROTATED and k % 2:
+        pytest.skip("an odd size has no Hadamard matrix")
+    w, H = toy_layer(k=k)
+    q = QUANTIZERS[name](w, H)
+    t, cfg = q.pack(), q.layer_config()
+    assert cfg["format"] == "lut"
+    specs = layer_tensor_specs(cfg)
+    assert set(specs) == set(t) and all(tuple(t[x].shape) == specs[x][0] and t[x].dtype == specs[x][1] for x in t)
+    cb = cfg["bits"] * cfg["dim"]
+    assert torch.equal(unpack_bits(t["qweight"], cb, q.codes.shape[1]).long(), q.codes.long())  # codes round trip
+    assert torch.equal(decode_rotated(t, cfg).double(), hand_decode(q, k))
+    W = get_format("lut").dequantize(t, cfg)
+    if q.signs is not None:  # the decoded weight is in the original basis: rotating it back gives the grid values
+        from llmq.rotation.hadamard import RandomizedHadamard
+
+        assert torch.allclose(RandomizedHadamard(q.signs).forward(W), decode_rotated(t, cfg), atol=1e-6)
+    rel = float(((W - w) ** 2).sum() / (w ** 2).sum())
+    assert rel < {2: 0.3, 3: 0.1, 4: 0.05}[cfg["bits"]], rel  # sanity bounds (per-channel and unrotated cases are the worst)
+    # bits per weight: codes, scales, table and signs, nothing left out
+    n = w.shape[0]
+    G = -(-k // (q.group_size or k))
+    T = 1 << cb
+    expect = n * (-(-(-(-k // cfg["dim"])) * cb // 32)) * 32 + 16 * n * G
+    expect += 16 * (n * T if cfg["table"] == "row" else T * cfg["dim"])
+    expect += 32 * (-(-k // 32)) if q.signs is not None else 0
+    assert packed_bits_per_weight(t, cfg) == pytest.approx(expect / (n * k))
+
+
+def test_any4_weighted_error_beats_nf4_with_uneven_activations():
+    w, H = toy_layer(n=64, k=256, seed=3)
+    h = torch.diagonal(H) / 2
+    nf4 = nf4_quantize(w, 128).dequantize()
+    weighted = any4_quantize(w, H, 128).dequantize()
+    plain = any4_quantize(w, None, 128).dequantize()
+    e_nf4, e_w, e_plain = (weighted_error(w, q, h) for q in (nf4, weighted, plain))
+    assert e_w < 0.85 * e_nf4, (e_w, e_nf4)
+    assert e_w < 0.95 * e_plain  # the activation statistics steer the table: better on the objective that matters
+    assert weighted_error(w, plain, None) <= weighted_error(w, nf4, None)  # unweighted any4 still beats NF4 on plain MSE
+
+
+def test_higgs_beats_nf4_and_rtn_on_a_layer_with_outliers():
+    w, _ = toy_layer(n=64, k=512, seed=4)
+    err = lambda q: float(((q.dequantize() - w) ** 2).sum() / (w ** 2).sum())  # noqa: E731
+    e_h = err(higgs_quantize(w, 4, 128))
+    assert e_h < err(nf4_quantize(w, 128)) and e_h < err(rtn_quantize(w, 4, 128, True))
+    assert err(higgs_quantize(w, 4, 128, dim=2)) < e_h  # the 2-d grid is better at the same bits
+    assert err(higgs_quantize(w, 4, 128, scale="mse")) < e_h
+    assert err(higgs_quantize(w, 4, 128, rotate=False)) > 2 * e_h  # the rotation is what tames the outliers
+
+
+# ---- kernels -----------------------------------------------------------------------------------------------------
+
+KERNEL_CASES = ["nf4-g64", "any4-g96", "higgs4-d1", "higgs3-d2", "higgs4-d2", "higgs2-d1-norot", "higgs3-d1-mse", "nf4-pc"]
+
+
+@pytest.mark.parametrize("name", KERNEL_CASES)
+@pytest.mark.parametrize("m,dtype", [(1, torch.float16), (5, torch.float32), (20, torch.bfloat16), (1, torch.bfloat16),
+                                     (3, torch.float16)])
+def test_lut_kernel_matches_reference(name, m, dtype):
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set")
+    from llmq.kernels.dispatch import quant_linear
+    from llmq.kernels.lut_triton import lut_matmul_triton
+
+    w, H = toy_layer(n=40, k=300)
+    q = QUANTIZERS[name](w, H)
+    t, cfg = q.pack(), q.layer_config()
+    x = torch.randn(m, 300, generator=torch.Generator().manual_seed(m)).to(dtype)
+    bias = torch.randn(40)
+    ref = quant_linear(x, t, cfg, bias)  # CPU: the torch decode + F.linear
+    assert torch.equal(ref, F.linear(x, get_format("lut").dequantize(t, cfg).to(dtype), bias.to(dtype)))
+    y = lut_matmul_triton(x, t, cfg, bias)
+    tol = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}[dtype]
+    scale = ref.float().abs().max().item()
+    assert y.dtype == dtype and y.shape == ref.shape
+    assert (y.float() - ref.float()).abs().max().item() <= tol * scale
+    wrong = dict(t)  # the comparison can fail: negating the shorter last group's scales changes the result
+    wrong["scales"] = t["scales"].clone()
+    wrong["scales"][:, -1] *= -1
+    y_wrong = lut_matmul_triton(x, wrong, cfg, bias)
+    assert (y_wrong.float() - ref.float()).abs().max().item() > 5 * tol * scale
+
+
+def test_lut_kernel_through_llmq_linear_with_leading_dims(monkeypatch):
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set")
+    import llmq.kernels.lut_triton as lt
+    from llmq.modules import LlmqLinear
+
+    w, _ = toy_layer(n=24, k=96)
+    q = higgs_quantize(w, 4, 32, dim=2)
+    mod = LlmqLinear.from_packed(q.layer_config(), q.pack())
+    x = torch.randn(2, 3, 96).half()
+    monkeypatch.setenv("LLMQ_KERNELS", "torch")
+    expect = mod(x)
+    calls = []
+    orig = lt.lut_matmul_triton
+    monkeypatch.setattr(lt, "lut_matmul_triton", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    monkeypatch.setenv("LLMQ_KERNELS", "triton")
+    y = mod(x)
+    assert calls and y.shape == (2, 3, 24)
+    assert (y.float() - expect.float()).abs().max().item() <= 3e-3 * expect.float().abs().max().item()
+
+
+# ---- checkpoints -------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ids():
+    from transformers import AutoTokenizer
+
+    from llmq.calib import CalibConfig, calibration_ids
+
+    return calibration_ids(CalibConfig("c4", nsamples=4, seqlen=64, seed=0, data_dir=str(DATA)), AutoTokenizer.from_pretrained(SMOLLM))
+
+
+@pytest.mark.parametrize("method,args,recipe,calib", [
+    ("nf4", [], {"group_size": 64}, False),  # the CLI's default group size for nf4 is 64
+    ("any4", ["--group-size", "64"], {"group_size": 64}, True),
+    ("higgs", ["--bits", "4", "--group-size", "64"], {"bits": 4, "group_size": 64}, False),
+    ("higgs", ["--bits", "3"], {"bits": 3, "options": {"dim": 2}}, False),
+])
+def test_checkpoint_reloads_with_identical_logits(tiny_model, tmp_path, ids, method, args, recipe, calib):
+    out = tmp_path / "q"
+    extra = ["--nsamples", "4", "--seqlen", "64"] if calib else ["--calib", "none"]
+    if "options" in recipe:
+        rec = tmp_path / "r.yaml"
+        rec.write_text(json.dumps({"method": method, **recipe}))  # JSON is YAML
+        extra += ["--recipe", str(rec)]
+    r = CliRunner().invoke(app, ["quantize", str(tiny_model), "-o", str(out), "--method", method, *args, *extra])
+    assert r.exit_code == 0, r.output
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    quantize_(ref, Recipe.from_dict({"method": method, **recipe}), calib_ids=ids if calib else None)
+    fp = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    with torch.no_grad():
+        got = loaded(ids[:2]).logits
+        assert torch.equal(got, ref(ids[:2]).logits)
+        assert not torch.allclose(got, fp(ids[:2]).logits, atol=1e-3)  # really quantized
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    name = "model.layers.1.mlp.down_proj"
+    lc = qc["layers"][name]
+    assert lc["method"] == method and lc["format"] == "lut" and lc["group_size"] == recipe.get("group_size", 128)
+    assert ("lut_had" in lc) == (method == "higgs")
+    info = inspect_checkpoint(str(out))
+    t = tensors_of(out)
+    row = next(x for x in info["layers"] if x["layer"] == name)
+    stored = sum(v.numel() * v.element_size() for k, v in t.items() if k.startswith(name + ".") and not k.endswith(".bias"))
+    assert row["bytes"] == stored and row["bpw"] == 8 * stored / (160 * 96)
+    assert f"{name}.table" in t and (f"{name}.lut_signs" in t) == (method == "higgs")
+
+
+def test_bad_input_is_a_one_line_error(tiny_model, tmp_path):
+    run = lambda *a: CliRunner().invoke(app, ["quantize", str(tiny_model), "-o", str(tmp_path / "q"), "--calib", "none", *a])  # noqa: E731
+    r = run("--method", "higgs", "--bits", "5")
+    assert r.exit_code == 2 and "bits" in r.output
+    rec = tmp_path / "r.yaml"
+    rec.write_text("method: higgs\ngroup_size: 33\noptions: {dim: 2}\n")
+    r = run("--recipe", str(rec))
+    assert r.exit_code == 2 and "even group size" in r.output
+    rec.write_text("method: higgs\noptions: {dim: 3}\n")
+    r = run("--recipe", str(rec))
+    assert r.exit_code == 2 and "dim" in r.output
+    assert not (tmp_path / "q").exists()
+
+
+def test_lut_kernel_compiles_for_sm90_without_a_gpu():
+    """The interpreter accepts things the GPU compiler rejects; compile the variants to sm_90 cubin (ptxas ships with
+    triton) in a process without TRITON_INTERPRET."""
+    pytest.importorskip("triton")
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-m", "llmq.kernels.lut_triton"], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("ok sm_90 lut") == 5

@@ -1,7 +1,8 @@
 """One entry point per operation; picks the implementation from the tensors' device.
 
-    quant_linear(x, tensors, cfg, bias)   any llmq format: int -> int_matmul; billm/pbllm/ternary -> binary_triton.py
-                                          on CUDA; otherwise the format's torch decode + F.linear
+    quant_linear(x, tensors, cfg, bias)   any llmq format: int -> int_matmul; billm/pbllm/ternary -> binary_triton.py,
+                                          lut (nf4/any4/higgs) -> lut_triton.py on CUDA; otherwise the format's torch
+                                          decode + F.linear
     int_matmul(x, tensors, cfg, bias)     Triton on CUDA, the torch reference elsewhere
     hadamard_transform(x, hm, signs, inverse)   the fused online Hadamard transform of rotated layers (hadamard.py)
 

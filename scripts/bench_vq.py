@@ -4,8 +4,8 @@ checkpoint's bytes (indices, codebooks, rotation signs: everything each quantize
 quantization wall time. Results accumulate in reports/vq_smollm2.json (finished runs are skipped on a re-run, so it
 can be run piecewise: `--runs vq-2bit`) and are tabulated in reports/vq_smollm2.md.
 
-`--import-gptq reports/rotation_smollm2.json` copies GPTQ rows measured on the identical protocol by
-scripts/bench_rotation.py (marked as imported in the table) instead of re-running them."""
+`--import-gptq reports/e8p_smollm2.json` (or reports/rotation_smollm2.json) copies GPTQ rows measured on the identical
+protocol by scripts/bench_e8p.py (bench_rotation.py), marked as imported in the table, instead of re-running them."""
 
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def main():
     ap.add_argument("--runs", default=",".join(RUNS))
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is faster on a CPU shared with other jobs)")
     ap.add_argument("--fp-ppl-from", type=Path, default=None, help="take the fp row from this report json (same protocol) instead of measuring it")
-    ap.add_argument("--import-gptq", type=Path, default=None, help="copy the GPTQ rows from this bench_rotation json (same protocol)")
+    ap.add_argument("--import-gptq", type=Path, default=None, help="copy the GPTQ rows from this bench_rotation / bench_e8p json (same protocol)")
     ap.add_argument("--out", type=Path, default=REPO / "reports" / "vq_smollm2")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints under --work")
     a = ap.parse_args()
@@ -89,9 +89,9 @@ def main():
     results["protocol"] = proto
     results.setdefault("runs", {})
     a.work.mkdir(parents=True, exist_ok=True)
+    same = ("limit", "nsamples", "seqlen")  # the calibration source (C4, seed 0) is the same in bench_rotation
     for src in (a.fp_ppl_from, a.import_gptq):
-        if src is not None and {k: v for k, v in json.loads(src.read_text())["protocol"].items() if k != "threads"} != \
-                {k: v for k, v in proto.items() if k != "threads"}:
+        if src is not None and any(json.loads(src.read_text())["protocol"].get(k) != proto[k] for k in same):
             sys.exit(f"{src} has a different protocol")
     if "fp" not in results:
         if a.fp_ppl_from is not None:
@@ -105,6 +105,7 @@ def main():
     if a.import_gptq is not None:
         src = json.loads(a.import_gptq.read_text())["runs"]
         for ours, theirs in IMPORT.items():
+            theirs = ours if ours in src else theirs  # scripts/bench_e8p.py names them as we do
             if ours not in results["runs"] and theirs in src:
                 r = src[theirs]
                 results["runs"][ours] = {"what": RUNS[ours][2], "command": r["command"], "imported_from": str(a.import_gptq),
@@ -177,7 +178,7 @@ def write_md(results: dict, path: Path) -> None:
                      f"{r['total_file_bytes'] / 1e6:.1f} | {oe} | {r['quantize_seconds']:.0f} |")
     if any(r.get("imported_from") for r in results.get("runs", {}).values()) or fp.get("imported_from"):
         src = {r.get("imported_from") for r in results["runs"].values() if r.get("imported_from")} | {fp.get("imported_from")}
-        lines += ["", f"† measured earlier on the identical protocol by scripts/bench_rotation.py ({', '.join(sorted(s for s in src if s))}), "
+        lines += ["", f"† measured earlier on the identical protocol by another bench script ({', '.join(sorted(s for s in src if s))}), "
                   "copied, not re-run here."]
     lines += ["", "Where the bytes go (quantized linear layers only, bits per weight by tensor):", ""]
     for key, r in results.get("runs", {}).items():

@@ -50,7 +50,7 @@ def _progress() -> Progress:
 def quantize(
     model: Annotated[str, typer.Argument(help="Unquantized model: local Hugging Face folder, hub id, or folder/file with one .gguf.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output folder (appears only when complete).")],
-    method: Annotated[Optional[str], typer.Option(help="Quantization method: rtn, gptq, billm, pbllm or ternary (default rtn; billm/pbllm/ternary ignore --bits, their knobs are recipe options).")] = None,
+    method: Annotated[Optional[str], typer.Option(help="Quantization method: rtn, gptq, e8p, vq, higgs, nf4, any4, billm, pbllm or ternary (default rtn; billm/pbllm/ternary ignore --bits, their knobs are recipe options).")] = None,
     bits: Annotated[Optional[int], typer.Option(help="Bits per weight code, 2-8 (default 4).")] = None,
     group_size: Annotated[Optional[int], typer.Option(help="Input features per scale group; 0 = per output channel (default 128). A group size that does not divide a row gives a shorter last group.")] = None,
     sym: Annotated[Optional[bool], typer.Option("--sym/--asym", help="Symmetric grid (no zero point) or asymmetric (default: symmetric).")] = None,

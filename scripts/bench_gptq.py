@@ -124,7 +124,7 @@ def main():
         row["llmq_rtn"] = llmq_run("rtn", bits, g, ["--method", "rtn"], calib=False)
         if not a.skip_peer and bits in a.peer_bits:
             pj = a.work / f"peer-w{bits}.json"
-                        subprocess.run([*LOCK, sys.executable, *map(str, (REPO / "scripts/peer_llmcompressor.py", fp_dir, calib_pt, bits, g, a.limit, pj))],
+            subprocess.run([*LOCK, sys.executable, *map(str, (REPO / "scripts/peer_llmcompressor.py", fp_dir, calib_pt, bits, g, a.limit, pj))],
                            check=True, env=env, capture_output=True)
             p = json.loads(pj.read_text())
             row["llmcompressor_gptq"] = {"seconds": p["quant_seconds"], "cpu_seconds": p.get("cpu_seconds"), "peak_rss_bytes": p["peak_rss_bytes"],

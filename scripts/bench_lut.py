@@ -5,7 +5,8 @@ vectors) and checkpoint sizes on disk; plus a reload check (a HIGGS checkpoint l
 recipe applied in memory). Results accumulate in reports/lut_smollm2.json (finished runs are skipped on a re-run, so
 it can be run piecewise with --configs) and are tabulated in reports/lut_smollm2.md.
 
-Each quantize + eval takes the shared heavy-job lock (/tmp/llmq-heavy.lock) for its own duration only."""
+Each quantize + eval takes the shared heavy-job lock (/tmp/llmq-heavy.lock) for its own duration only (or, with
+LLMQ_HEAVY_LOCK_HELD=1 under `flock`, the caller holds it for the whole run)."""
 
 from __future__ import annotations
 
@@ -47,6 +48,9 @@ DEFAULT = [k for k in CONFIGS if not k.endswith("-norot")]
 
 @contextlib.contextmanager
 def heavy_lock():
+    if os.environ.get("LLMQ_HEAVY_LOCK_HELD"):  # run as `LLMQ_HEAVY_LOCK_HELD=1 flock LOCK python scripts/bench_lut.py`
+        yield
+        return
     with open(LOCK, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
@@ -96,6 +100,8 @@ def main():
     results.setdefault("runs", {})
     a.work.mkdir(parents=True, exist_ok=True)
 
+    if "grid_mse" not in results:
+        results["grid_mse"] = grid_mse()
     if "fp" not in results:
         with heavy_lock():
             model, tok, _ = load_causal_lm(str(a.model))
@@ -173,6 +179,22 @@ def reload_check(a) -> dict:
     return out
 
 
+def grid_mse() -> dict:
+    """MSE per weight of each stored (fp16) grid on N(0, 1): exact for 1-d, a fresh 2^20-point sample for 2-d; NF4 too,
+    scaled by its best constant (it is meant for absmax-scaled blocks, so this is only a reference)."""
+    from llmq.methods.grids import gaussian_grid, gaussian_mse_1d, nearest_2d, nf4_table
+
+    x = torch.randn(1 << 20, 2, generator=torch.Generator().manual_seed(7))
+    out = {}
+    for b in (2, 3, 4):
+        g1 = gaussian_grid(b, 1).half().double()[:, 0]
+        g2 = gaussian_grid(b, 2).half().float()
+        out[f"{b}-bit"] = {"d1": gaussian_mse_1d(g1), "d2": float(((x - g2[nearest_2d(x, g2)]) ** 2).sum(1).mean()) / 2}
+    nf4 = nf4_table().half().double()
+    out["4-bit"]["nf4_best_scale"] = min(gaussian_mse_1d(nf4 * s) for s in torch.linspace(1.5, 3.5, 201).tolist())
+    return out
+
+
 def write_md(results: dict, path: Path) -> None:
     pr = results["protocol"]
     fp = results.get("fp", {})
@@ -194,6 +216,11 @@ def write_md(results: dict, path: Path) -> None:
         oe = f"{r['mean_layer_output_err']:.4f}" if r["mean_layer_output_err"] is not None else "–"
         lines.append(f"| {name} | `{json.dumps(r['recipe'])}` | {r['ppl']['ppl']:.3f} | {r['bpw']:.4f} | {r['quantized_bytes'] / 1e6:.2f} | "
                      f"{r['total_file_bytes'] / 1e6:.1f} | {r['mean_layer_weight_err']:.4f} | {oe} | {r['quantize_seconds']:.0f} |")
+    gm = results.get("grid_mse")
+    if gm:
+        lines += ["", "Grid MSE per weight on N(0, 1) (the stored fp16 grids; 1-d exact, 2-d on a fresh 2^20-point sample): " +
+                  "; ".join(f"{b}: d=1 {v['d1']:.5f}, d=2 {v['d2']:.5f}" for b, v in gm.items()) +
+                  (f"; NF4 at its best constant scale {gm['4-bit']['nf4_best_scale']:.5f}" if "nf4_best_scale" in gm.get("4-bit", {}) else "") + "."]
     rc = results.get("reload_check")
     if rc:
         lines += ["", f"Reload check (`{rc['command']}`, recipe `{json.dumps(rc['recipe'])}`): transformers-loaded checkpoint vs "

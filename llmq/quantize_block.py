@@ -31,29 +31,24 @@ class Calibration:
     output: torch.Tensor | None = None
 
 
-def _gram_blocks(d: int) -> int:
-    return 4 if d >= 1024 else 2 if d >= 512 else 1
+def _gram_edges(d: int) -> list[int]:
+    """Column-block boundaries for `add_gram`: more blocks for wider inputs, where the saving pays."""
+    nb = 4 if d >= 1024 else 2 if d >= 512 else 1
+    return [round(i * d / nb) for i in range(nb + 1)]
 
 
 def add_gram(S: torch.Tensor, x: torch.Tensor) -> None:
     """S += xᵀx on the upper block triangle only: the Gram matrix is symmetric, so with 4 column blocks 10 of
     16 block products are computed (measured 1.6x faster at d = 1536); `mirror_gram` fills the rest once."""
-    nb = _gram_blocks(S.shape[0])
-    if nb == 1:
-        S.addmm_(x.T, x)
-        return
-    edges = [round(i * S.shape[0] / nb) for i in range(nb + 1)]
-    for i in range(nb):
-        a = x[:, edges[i] : edges[i + 1]]
-        S[edges[i] : edges[i + 1], edges[i] :].addmm_(a.T, x[:, edges[i] :])
+    e = _gram_edges(S.shape[0])
+    for i in range(len(e) - 1):
+        S[e[i] : e[i + 1], e[i] :].addmm_(x[:, e[i] : e[i + 1]].T, x[:, e[i] :])
 
 
 def mirror_gram(S: torch.Tensor) -> torch.Tensor:
-    nb = _gram_blocks(S.shape[0])
-    if nb > 1:
-        edges = [round(i * S.shape[0] / nb) for i in range(nb + 1)]
-        for i in range(1, nb):  # lower blocks <- transposed upper blocks
-            S[edges[i] :, edges[i - 1] : edges[i]] = S[edges[i - 1] : edges[i], edges[i] :].T
+    e = _gram_edges(S.shape[0])
+    for i in range(1, len(e) - 1):  # lower blocks <- transposed upper blocks
+        S[e[i] :, e[i - 1] : e[i]] = S[e[i - 1] : e[i], e[i] :].T
     return S
 
 

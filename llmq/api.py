@@ -4,11 +4,14 @@ place (its linear layers become `LlmqLinear`), with the same per-block code as t
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 
 from .adapters import adapter_for
-from .blocks import forward_block
+from .blocks import cast_dense_params, forward_block
+from .calib import resolve_calib_dtype
 from .formats import FORMAT_VERSION
 from .hf import LlmqConfig, LlmqHfQuantizer
 from .modules import LlmqLinear, set_submodule
@@ -18,8 +21,10 @@ from .rotation import check_sizes, residual_rotation, rotate_model_
 
 
 @torch.no_grad()
-def quantize_(model, recipe: Recipe | None = None, calib_ids: torch.Tensor | None = None, batch_size: int = 1) -> list[dict]:
-    """Quantize `model` in place; returns the per-layer report rows."""
+def quantize_(model, recipe: Recipe | None = None, calib_ids: torch.Tensor | None = None, batch_size: int = 1,
+              calib_dtype: str = "auto") -> list[dict]:
+    """Quantize `model` in place; returns the per-layer report rows. `calib_dtype`: the dtype the calibration
+    samples run through the blocks in (llmq.calib.resolve_calib_dtype; the same default as `llmq quantize`)."""
     recipe = (recipe or Recipe()).validate()
     adapter = adapter_for(model.config)
     check_sizes(recipe, model.config, quantize_head=recipe.spec_for(adapter.head).method != METHOD_NONE)
@@ -29,10 +34,11 @@ def quantize_(model, recipe: Recipe | None = None, calib_ids: torch.Tensor | Non
     blocks = model.get_submodule(adapter.blocks)
     rotary = model.get_submodule(adapter.blocks.rsplit(".", 1)[0] + ".rotary_emb")
     hidden = pos_emb = None
+    cdtype = resolve_calib_dtype(calib_dtype)
     if calib_ids is not None:
-        hidden = F.embedding(calib_ids, model.get_submodule(adapter.embed).weight.float())
+        hidden = F.embedding(calib_ids, model.get_submodule(adapter.embed).weight.float()).to(cdtype)
         seqlen = calib_ids.shape[1]
-        pos_emb = rotary(torch.zeros(1, seqlen, 1), torch.arange(seqlen).unsqueeze(0))
+        pos_emb = rotary(torch.zeros(1, seqlen, 1, dtype=cdtype), torch.arange(seqlen).unsqueeze(0))
     dtype = next(model.parameters()).dtype
     layers, rows = {}, []
     for i, block in enumerate(blocks):
@@ -42,8 +48,9 @@ def quantize_(model, recipe: Recipe | None = None, calib_ids: torch.Tensor | Non
         install_quantized(block, prefix, tensors, cfgs)
         if calib is not None and calib.output is not None:
             hidden = calib.output  # a staged (true-sequential) pass already ran the samples through it
-        elif hidden is not None:
-            hidden = forward_block(block, hidden, pos_emb, batch_size)
+        elif hidden is not None:  # through a calibration-dtype copy: the model's own block keeps its dtype
+            runner = block if cdtype == torch.float32 else cast_dense_params(copy.deepcopy(block), cdtype)
+            hidden = forward_block(runner, hidden, pos_emb, batch_size)
         layers.update(cfgs)
         rows.extend(block_rows)
     head_spec = recipe.spec_for(adapter.head)

@@ -38,10 +38,29 @@ def forward_block(block: nn.Module, hidden: torch.Tensor, position_embeddings, b
 
 def dense_forward(m: nn.Module) -> nn.Module:
     """Make packed layer `m` compute with its weight dequantized once (the same values its packed matmul
-    uses) instead of unpacking it on every call: for the many calibration samples passing through a block."""
-    w, b = m.dequantize(), m.bias
-    m._forward_packed = lambda x, w=w, b=b: F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
+    uses) instead of unpacking it on every call: for the many calibration samples passing through a block.
+    The dense weight is cast once per input dtype (bf16 calibration passes)."""
+    w, b, cast = m.dequantize(), m.bias, {}
+
+    def forward(x):
+        if x.dtype not in cast:
+            cast[x.dtype] = (w.to(x.dtype), None if b is None else b.to(x.dtype))
+        return F.linear(x, *cast[x.dtype])
+
+    m._forward_packed = forward
     return m
+
+
+def cast_dense_params(block: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast the parameters of `block` that are not packed (norms, unquantized layers) to the calibration
+    dtype; packed layers keep their tensors exact and cast their dequantized weight per input dtype."""
+    from .modules import LlmqLinear
+
+    packed = {id(p) for m in block.modules() if isinstance(m, LlmqLinear) for p in m.parameters()}
+    for p in block.parameters():
+        if id(p) not in packed and p.dtype != dtype and p.is_floating_point():
+            p.data = p.data.to(dtype)
+    return block
 
 
 @contextmanager
@@ -81,8 +100,8 @@ class BlockFactory:
         b.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=True, assign=True)
         return b
 
-    def position_embeddings(self, seqlen: int):
-        x = torch.zeros(1, seqlen, 1)
+    def position_embeddings(self, seqlen: int, dtype: torch.dtype = torch.float32):
+        x = torch.zeros(1, seqlen, 1, dtype=dtype)  # cos/sin come out in x's dtype (computed in fp32)
         return self.rotary(x, torch.arange(seqlen).unsqueeze(0))
 
 

@@ -63,6 +63,7 @@ def quantize(
     nsamples: Annotated[int, typer.Option(help="Number of calibration windows.")] = 128,
     seqlen: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 2048,
     seed: Annotated[int, typer.Option(help="Seed for drawing calibration windows.")] = 0,
+    calib_dtype: Annotated[str, typer.Option(help="dtype of the calibration forward passes: auto (bf16 on CPUs with native bf16 matmul, as the GPTQ reference runs fp16; else fp32), fp32, bf16, fp16. Weights, Hessians and the quantization math are fp32 regardless.")] = "auto",
     data_dir: Annotated[Optional[str], typer.Option(help="Local data folder (layout of ../shared/data); default $LLMQ_DATA_DIR, else the hub.")] = None,
     dtype: Annotated[str, typer.Option(help="dtype of tensors kept unquantized (embeddings, norms): auto (as the source stores them), fp16, bf16, fp32.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Calibration sequences per forward pass.")] = 1,
@@ -88,7 +89,8 @@ def quantize(
         r.default.options["act_order"] = act_order
     r.rotate = rotate if rotate != "none" or recipe is None else r.rotate
     job = QuantizeJob(model=model, out=output, recipe=r, dtype=dtype, batch_size=batch_size, overwrite=overwrite,
-                      calib=CalibConfig(source=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, data_dir=data_dir))
+                      calib=CalibConfig(source=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, data_dir=data_dir,
+                                        dtype=calib_dtype))
     report = run_quantize(job, log=lambda m: console.print(f"[dim]{m}[/dim]"), progress=_progress)
     _print_quantize_summary(report, output, verbose)
 
@@ -142,6 +144,7 @@ def eval_(
     batch_size: Annotated[int, typer.Option(help="Perplexity / KL windows per forward pass.")] = 1,
     batch_tokens: Annotated[int, typer.Option(help="Zero-shot: padded tokens per forward pass (requests sorted by length, shared contexts scored once).")] = 4096,
     dtype: Annotated[str, typer.Option(help="Compute dtype: fp32 or bf16.")] = "fp32",
+    calib_dtype: Annotated[str, typer.Option(help="dtype of the calibration forward passes: auto (bf16 on CPUs with native bf16 matmul, as the GPTQ reference runs fp16; else fp32), fp32, bf16, fp16. Weights, Hessians and the quantization math are fp32 regardless.")] = "auto",
     data_dir: Annotated[Optional[str], typer.Option(help="Local data folder (layout of ../shared/data); default $LLMQ_DATA_DIR, else the hub (perplexity only).")] = None,
     task_data: Annotated[Optional[list[str]], typer.Option(help="TASK=FILE: read a zero-shot task from this file instead of the data folder (repeatable).")] = None,
     reference: Annotated[Optional[str], typer.Option(help="Unquantized model for the kl task.")] = None,

@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 
 from . import __version__
 from .adapters import adapter_for
-from .blocks import BlockFactory, forward_block
+from .blocks import BlockFactory, cast_dense_params, forward_block
 from .calib import CalibConfig, calibration_ids
 from .errors import InputError
 from .formats import FORMAT_VERSION
@@ -73,6 +73,19 @@ def release_memory() -> None:
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def keep_freed_memory_mapped() -> None:
+    """Serve large allocations from the heap instead of fresh mmaps (glibc). Calibration allocates and
+    frees the same activation-sized buffers thousands of times; as separate mmaps each one is page-faulted
+    in and zeroed again (measured: the SmolLM2 GPTQ run took 75 s instead of 63 s). Freed memory is still
+    handed back between blocks by `release_memory`."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: glibc's maximum, 32 MiB
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: no automatic trimming on every free
     except (OSError, AttributeError):  # not glibc
         pass
 
@@ -119,6 +132,8 @@ def run_quantize(job: QuantizeJob, log=print, progress=None) -> dict:
         raise InputError(f"output folder already exists: {job.out} (pass --overwrite to replace it)")
     if job.dtype != "auto" and job.dtype not in DTYPES:
         raise InputError(f"--dtype must be auto, fp16, bf16 or fp32, got {job.dtype!r}")
+    job = dataclasses.replace(job, calib=job.calib.resolved())  # the fingerprint and metadata name the real dtype
+    keep_freed_memory_mapped()
     source = ModelSource(job.model)
     adapter = adapter_for(source.config)
     factory = BlockFactory(source.config, adapter)
@@ -166,11 +181,12 @@ def _quantize_blocks(job, source, adapter, factory, recipe, ids, work, out_dtype
     tied_src = bool(getattr(source.config, "tie_word_embeddings", False)) and rot is None  # rotation unties the head
     n_blocks = factory.num_blocks
     n_shards = n_blocks + 1 + int(_writes_head(adapter, recipe, tensors_src, tied_src))
+    cdtype = job.calib.torch_dtype()  # the calibration samples' dtype between and inside blocks
     embed = tensors_src.get(adapter.embed + ".weight").to(torch.float32)
-    hidden = F.embedding(ids, embed) if ids is not None else None
+    hidden = F.embedding(ids, embed).to(cdtype) if ids is not None else None
     del embed
     release_memory()
-    pos_emb = factory.position_embeddings(job.calib.seqlen) if ids is not None else None
+    pos_emb = factory.position_embeddings(job.calib.seqlen, cdtype) if ids is not None else None
     all_layers, rows = {}, []
     kill_after = int(os.environ.get("LLMQ_DEBUG_KILL_AFTER_BLOCK", "-1"))  # test hook: simulate a crash
 
@@ -197,7 +213,7 @@ def _quantize_blocks(job, source, adapter, factory, recipe, ids, work, out_dtype
         if staged_out is not None:
             hidden = staged_out
         elif hidden is not None:
-            qblock = install_quantized(factory.meta_block(i), prefix, tensors, layer_cfgs)
+            qblock = cast_dense_params(install_quantized(factory.meta_block(i), prefix, tensors, layer_cfgs), cdtype)
             hidden = forward_block(qblock, hidden, pos_emb, job.batch_size)
             del qblock
         del tensors

@@ -145,16 +145,13 @@ def quantize_block(block: nn.Module, prefix: str, adapter: DecoderAdapter, recip
     rotated_h = {}  # per-layer Hadamard rotation: each group's H rotated once (its layers share V)
     linear_names = {n for group in adapter.linear_groups for n in group}
 
-    def quantize_layer(name: str, H: torch.Tensor | None):
-        """Quantize one layer; returns its quantized stand-in module (or None if the recipe keeps it)."""
+    def prepare(name: str, H: torch.Tensor | None):
+        """(spec, fp32 weight, rotation, H) of one layer, in the rotated basis if the recipe rotates it."""
         full = prefix + name
-        lin = block.get_submodule(name)
-        lin = getattr(lin, "inner", lin)  # inside a staged pass
         spec = recipe.spec_for(full)
         if spec.method == METHOD_NONE:
             return None
-        t0 = time.perf_counter()
-        w = lin.weight.detach().to(torch.float32)
+        w = masters.pop(f"{name}.weight").to(torch.float32)
         if not torch.isfinite(w).all():
             from .errors import InputError
 
@@ -168,7 +165,44 @@ def quantize_block(block: nn.Module, prefix: str, adapter: DecoderAdapter, recip
                 if key not in rotated_h:
                     rotated_h[key] = inc.hessian(H)
                 H = rotated_h[key]
-        q = METHODS[spec.method].quantize(w, spec, H)
+        return spec, w, inc, H
+
+    def quantize_group(names: list[str], H: torch.Tensor | None) -> dict:
+        """Quantize layers that read the same input; returns {name: quantized stand-in module} (None for a
+        layer the recipe keeps). Layers with one spec and a method that quantizes rows independently given
+        H (GPTQ) are quantized as one stacked matrix: one column loop instead of one per layer, same result."""
+        t0 = time.perf_counter()
+        prepared = {n: prepare(n, H) for n in names}
+        todo = [n for n in names if prepared[n] is not None]
+        results, shares = {}, {}
+        stacked = len(todo) > 1 and len({repr(prepared[n][0]) for n in todo}) == 1 and len({id(prepared[n][3]) for n in todo}) == 1
+        method = METHODS[prepared[todo[0]][0].method] if todo else None
+        if stacked and hasattr(method, "quantize_stacked"):
+            spec, _, _, Hg = prepared[todo[0]]
+            results = dict(zip(todo, method.quantize_stacked([prepared[n][1] for n in todo], spec, Hg)))
+        else:
+            for n in todo:
+                t = time.perf_counter()
+                spec, w, _, Hn = prepared[n]
+                results[n] = METHODS[spec.method].quantize(w, spec, Hn)
+                shares[n] = time.perf_counter() - t
+        quant_seconds = time.perf_counter() - t0
+        total_rows = sum(prepared[n][1].shape[0] for n in todo)
+        modules = {n: None for n in names}
+        for n in todo:
+            t = time.perf_counter()
+            spec, w, inc, Hn = prepared[n]
+            modules[n] = finish(n, spec, w, inc, Hn, results[n])
+            prepared[n] = None  # free the fp weight before the next (larger) layer
+            own = shares.get(n, quant_seconds * w.shape[0] / total_rows)  # a stacked call: shared by rows
+            rows[-1]["seconds"] = own + time.perf_counter() - t
+        return modules
+
+    def finish(name: str, spec, w: torch.Tensor, inc, H: torch.Tensor | None, q):
+        """Pack one layer's result, record it, and report its errors; returns its quantized stand-in."""
+        full = prefix + name
+        lin = block.get_submodule(name)
+        lin = getattr(lin, "inner", lin)  # inside a staged pass
         packed = q.pack()
         cfg = {"method": spec.method, **q.layer_config()}
         deq = get_format(cfg["format"]).dequantize(packed, cfg)
@@ -179,7 +213,8 @@ def quantize_block(block: nn.Module, prefix: str, adapter: DecoderAdapter, recip
             tensors[f"{full}.{k}"] = v
         tensors[f"{full}.weight"] = torch.zeros(0, dtype=torch.float16)  # placeholder, see llmq.hf
         quantized_params.add(f"{name}.weight")
-        bias = None if lin.bias is None else lin.bias.detach().to(torch.float32)
+        bias = masters.get(f"{name}.bias")
+        bias = None if bias is None else bias.to(torch.float32)
         if bias is not None and inc is not None:
             bias = inc.bias(bias)  # stored in the rotated basis (llmq.rotation.incoherence)
         if bias is not None:
@@ -193,8 +228,8 @@ def quantize_block(block: nn.Module, prefix: str, adapter: DecoderAdapter, recip
             output_err = relative_output_error(w, deq, H, wHw)
             if spec.method != "rtn" and cfg["format"] == "int":  # the round-to-nearest baseline, same layer and grid
                 rtn_err = relative_output_error(w, METHODS["rtn"].quantize(w, spec).dequantize(), H, wHw)
-        del w, deq
-        lin.weight = None  # the fp weight is no longer needed; free it before the next (larger) layer
+        del deq
+        lin.weight = None  # the fp weight is no longer needed
         rows.append({
             "layer": full,
             "method": spec.method,
@@ -205,21 +240,28 @@ def quantize_block(block: nn.Module, prefix: str, adapter: DecoderAdapter, recip
             "weight_err": weight_err,
             "output_err": output_err,
             "rtn_output_err": rtn_err,
-            "seconds": time.perf_counter() - t0,
+            "seconds": 0.0,
         })
         return LlmqLinear.from_packed(cfg, packed, None if bias is None else bias.to(out_dtype).to(torch.float32))
 
     for pname, p in block.named_parameters():  # what the checkpoint will hold, so calibration sees it too
         if pname.rsplit(".", 1)[0] not in linear_names and p.dtype != out_dtype:
             p.data = p.data.to(out_dtype).to(p.dtype)
+    # The values that are quantized and written; the block itself runs the calibration samples in their
+    # dtype (bf16 calibration casts its parameters, not these).
+    masters = {pname: p.detach() for pname, p in block.named_parameters()}
+    if calib is not None and calib.hidden.dtype != torch.float32:
+        from .blocks import cast_dense_params
+
+        cast_dense_params(block, calib.hidden.dtype)
 
     if calib is None:
-        for name in (n for group in adapter.linear_groups for n in group):
-            quantize_layer(name, None)
+        for group in adapter.linear_groups:
+            quantize_group(group, None)
     elif not recipe.true_sequential:
         hessians = collect_hessians(block, adapter, calib)
-        for name in (n for group in adapter.linear_groups for n in group):
-            quantize_layer(name, hessians[name])
+        for group in adapter.linear_groups:
+            quantize_group(group, hessians[group[0]])
     elif _staged_fits(block, calib):
         from .blocks import StagedPass, dense_forward
 
@@ -227,9 +269,7 @@ def quantize_block(block: nn.Module, prefix: str, adapter: DecoderAdapter, recip
         groups = adapter.linear_groups
 
         def on_stage(k: int):
-            H = grams.hessian(k)
-            for name in groups[k]:
-                module = quantize_layer(name, H)
+            for name, module in quantize_group(groups[k], grams.hessian(k)).items():
                 if module is not None:
                     passer.replace(name, dense_forward(module))
 
@@ -238,13 +278,13 @@ def quantize_block(block: nn.Module, prefix: str, adapter: DecoderAdapter, recip
     else:
         for group in adapter.linear_groups:
             hessians = collect_hessians(block, adapter, calib, groups=[group])
-            for name in group:
-                module = quantize_layer(name, hessians[name])
+            for name, module in quantize_group(group, hessians[group[0]]).items():
                 if module is not None:  # later groups must see this layer's quantized output
                     set_submodule(block, name, module)
 
     for pname, p in block.state_dict().items():
         if pname not in quantized_params and pname.rsplit(".", 1)[0] not in {n[len(prefix):] for n in layer_cfgs}:
+            p = masters.get(pname, p)
             if not torch.isfinite(p).all():
                 from .errors import InputError
 

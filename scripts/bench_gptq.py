@@ -115,34 +115,43 @@ def main():
     for bits in a.bits:
         g = a.group_size
         row = {"bits": bits, "group_size": g, "sym": True, "act_order": "static"}
-        # llmq's recommended GPTQ (static act-order, one-pass true-sequential), the default block-at-a-time mode,
-        # the peer in its default configuration (static act-order, block at a time), and RTN.
+        # llmq's recommended GPTQ (static act-order, one-pass true-sequential; calibration dtype auto = bf16 on
+        # this CPU), the same with an fp32 calibration pass, the default block-at-a-time mode, g128, RTN; the
+        # peer in its default configuration (static act-order, block at a time) on the fp32 model and on bf16.
         row["llmq_gptq"] = llmq_run("gptq-ts", bits, g, ["--method", "gptq", "--true-sequential"])
         if not a.quick:
+            row["llmq_gptq_fp32"] = llmq_run("gptq-ts32", bits, g, ["--method", "gptq", "--true-sequential", "--calib-dtype", "fp32"])
             row["llmq_gptq_block"] = llmq_run("gptq-block", bits, g, ["--method", "gptq"])
             row["llmq_gptq_g128"] = llmq_run("gptq-ts", bits, 128, ["--method", "gptq", "--true-sequential"])
         row["llmq_rtn"] = llmq_run("rtn", bits, g, ["--method", "rtn"], calib=False)
         if not a.skip_peer and bits in a.peer_bits:
-            pj = a.work / f"peer-w{bits}.json"
-            subprocess.run([*LOCK, sys.executable, *map(str, (REPO / "scripts/peer_llmcompressor.py", fp_dir, calib_pt, bits, g, a.limit, pj))],
-                           check=True, env=env, capture_output=True)
-            p = json.loads(pj.read_text())
-            row["llmcompressor_gptq"] = {"seconds": p["quant_seconds"], "cpu_seconds": p.get("cpu_seconds"), "peak_rss_bytes": p["peak_rss_bytes"],
-                                         "load_after": p.get("load_after"), "ppl": p["ppl"], "protocol": p["protocol"]}
-            for key in ("llmq_gptq", "llmq_gptq_block"):
+            for peer_key, extra in (("llmcompressor_gptq", []), ("llmcompressor_gptq_bf16", ["--bf16"])):
+                pj = a.work / f"peer-w{bits}{'-'.join([''] + [e.strip('-') for e in extra])}.json"
+                subprocess.run([*LOCK, sys.executable, *map(str, (REPO / "scripts/peer_llmcompressor.py", fp_dir, calib_pt, bits, g, a.limit, pj, *extra))],
+                               check=True, env=env, capture_output=True)
+                p = json.loads(pj.read_text())
+                row[peer_key] = {"seconds": p["quant_seconds"], "cpu_seconds": p.get("cpu_seconds"), "peak_rss_bytes": p["peak_rss_bytes"],
+                                 "load_after": p.get("load_after"), "ppl": p["ppl"], "protocol": p["protocol"], "dtype": p.get("dtype")}
+            for key in LLMQ_KEYS:
                 if key in row:
                     v = row[key]
-                    row[f"ratios_{key}"] = {"ppl": v["ppl"] / p["ppl"], "time": v["seconds"] / p["quant_seconds"],
-                                            "cpu": v["cpu_seconds"] / p["cpu_seconds"], "memory": v["peak_rss_bytes"] / p["peak_rss_bytes"]}
+                    for peer_key in ("llmcompressor_gptq", "llmcompressor_gptq_bf16"):
+                        p = row[peer_key]
+                        row[f"ratios_{key}_vs_{peer_key}"] = {"ppl": v["ppl"] / p["ppl"], "time": v["seconds"] / p["seconds"],
+                                                              "cpu": v["cpu_seconds"] / p["cpu_seconds"], "memory": v["peak_rss_bytes"] / p["peak_rss_bytes"]}
         results["runs"].append(row)
         (REPO / "reports").mkdir(exist_ok=True)
         (REPO / "reports/bench_gptq.json").write_text(json.dumps(results, indent=2))
     write_markdown(results)
 
 
-NAMES = (("llmq_gptq", "llmq GPTQ, true-sequential (one staged pass)"), ("llmq_gptq_block", "llmq GPTQ, block at a time"),
-         ("llmcompressor_gptq", "llm-compressor GPTQModifier (defaults)"), ("llmq_gptq_g128", "llmq GPTQ g128, true-sequential"),
-         ("llmq_rtn", "llmq RTN (no calibration)"))
+NAMES = (("llmq_gptq", "llmq GPTQ, true-sequential, calibration bf16 (default dtype here)"),
+         ("llmq_gptq_fp32", "llmq GPTQ, true-sequential, calibration fp32"), ("llmq_gptq_block", "llmq GPTQ, block at a time, bf16"),
+         ("llmcompressor_gptq", "llm-compressor GPTQModifier (defaults), fp32 model"),
+         ("llmcompressor_gptq_bf16", "llm-compressor GPTQModifier (defaults), bf16 model"),
+         ("llmq_gptq_g128", "llmq GPTQ g128, true-sequential, bf16"), ("llmq_rtn", "llmq RTN (no calibration)"))
+LLMQ_KEYS = ("llmq_gptq", "llmq_gptq_fp32", "llmq_gptq_block")
+PEERS = (("llmcompressor_gptq", "fp32 model"), ("llmcompressor_gptq_bf16", "bf16 model"))
 
 
 def write_markdown(results):
@@ -151,7 +160,8 @@ def write_markdown(results):
              f"Calibration: {results['calibration']} (RTN rows: none needed).",
              f"Evaluation (all rows, same function): {results['fp']['protocol']}. fp model: **{results['fp']['ppl']:.3f}**.",
              "All GPTQ rows: symmetric grid, static act-order (llm-compressor's default; groups stay `column // group`, so no "
-             "inference cost), damping 0.01, block 128.",
+             "inference cost), damping 0.01, block 128. Calibration dtype = the dtype the samples run through the blocks in; "
+             "Hessians and the GPTQ math are fp32 in every row (the GPTQ reference code calibrates in fp16 the same way).",
              "Time = whole process wall clock (imports, model load, calibration forward passes, quantization; llmq also writes its "
              "packed checkpoint, the peer only quantizes in memory); CPU = user+system seconds; memory = peak RSS; load = 1-minute "
              "load average at the end of the run (2 cores: above 2 means other work shared the machine). Runs are serialised by a lock, "
@@ -167,14 +177,15 @@ def write_markdown(results):
                 grp = 128 if key.endswith("g128") else r["group_size"]
                 lines.append(f"| {name} | {r['bits']} | {grp} | {v['ppl']:.3f} | {v['seconds']:.0f} | {cpu} | {v['peak_rss_bytes'] / 1e9:.2f} | {ld} |")
     lines += ["", "Ratios llmq / llm-compressor (same bits, group, calibration windows, evaluation):", "",
-              "| llmq mode | bits | ppl | wall time | CPU time | peak memory |", "|---|---:|---:|---:|---:|---:|"]
+              "| llmq mode | bits | vs peer | ppl | wall time | CPU time | peak memory |", "|---|---:|---|---:|---:|---:|---:|"]
     for r in results["runs"]:
-        for key, name in NAMES[:2]:
-            q = r.get(f"ratios_{key}")
-            if q:
-                lines.append(f"| {name} | {r['bits']} | {q['ppl']:.3f} | {q['time']:.2f} | {q['cpu']:.2f} | {q['memory']:.2f} |")
+        for key, name in NAMES:
+            for peer_key, peer_name in PEERS:
+                q = r.get(f"ratios_{key}_vs_{peer_key}")
+                if q:
+                    lines.append(f"| {name} | {r['bits']} | {peer_name} | {q['ppl']:.3f} | {q['time']:.2f} | {q['cpu']:.2f} | {q['memory']:.2f} |")
     for r in results["runs"]:
-        for key in ("llmq_gptq", "llmq_gptq_block"):
+        for key in ("llmq_gptq",):
             layers = r.get(key, {}).get("layers", [])
             if not layers:
                 continue

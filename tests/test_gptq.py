@@ -116,12 +116,13 @@ def test_true_sequential_differs_and_reloads(tiny_model, tmp_path):
     assert torch.equal(a, blk.model.layers[0].self_attn.q_proj.qweight)
 
 
-def test_staged_true_sequential_equals_rerun_and_replay(tiny_model, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_staged_true_sequential_equals_rerun_and_replay(tiny_model, monkeypatch, dtype):
     """The one-pass staged true-sequential mode (blocks.StagedPass) gives exactly the tensors of the mode that
     re-runs the block for each linear group, and its output equals running the samples through the block
-    rebuilt from the written tensors (what the pipeline replays on resume)."""
+    rebuilt from the written tensors (what the pipeline replays on resume); in fp32 and bf16 calibration."""
     from llmq.adapters import adapter_for
-    from llmq.blocks import BlockFactory, forward_block
+    from llmq.blocks import BlockFactory, cast_dense_params, forward_block
     from llmq.calib import CalibConfig, calibration_ids
     from llmq.quantize_block import Calibration, install_quantized, quantize_block
     from llmq.source import ModelSource
@@ -130,8 +131,8 @@ def test_staged_true_sequential_equals_rerun_and_replay(tiny_model, monkeypatch)
     adapter = adapter_for(src.config)
     factory = BlockFactory(src.config, adapter)
     ids = calibration_ids(CalibConfig("c4", 5, 48, 0, str(DATA)), src.tokenizer())
-    hidden = torch.nn.functional.embedding(ids, src.tensors.get("model.embed_tokens.weight").float())
-    pos = factory.position_embeddings(48)
+    hidden = torch.nn.functional.embedding(ids, src.tensors.get("model.embed_tokens.weight").float()).to(dtype)
+    pos = factory.position_embeddings(48, dtype)
     state = {k[len("model.layers.1."):]: src.tensors.get(k) for k in src.tensors.keys() if k.startswith("model.layers.1.")}
     recipe = Recipe.from_dict({"method": "gptq", "bits": 3, "group_size": 32, "true_sequential": True}).validate()
     runs = {}
@@ -144,8 +145,10 @@ def test_staged_true_sequential_equals_rerun_and_replay(tiny_model, monkeypatch)
     assert c1 == c0 and t1.keys() == t0.keys()
     for k in t1:
         assert torch.equal(t1[k], t0[k]), k
-    replay = forward_block(install_quantized(factory.meta_block(1), "model.layers.1.", t1, c1), hidden, pos, 2)
-    assert torch.equal(out1, replay)
+    replay = forward_block(cast_dense_params(install_quantized(factory.meta_block(1), "model.layers.1.", t1, c1), dtype), hidden, pos, 2)
+    assert out1.dtype == dtype and torch.equal(out1, replay)
+    if dtype != torch.float32:  # what is written is the fp32 source (through fp16), never the bf16 working copy
+        assert torch.equal(t1["model.layers.1.input_layernorm.weight"], state["input_layernorm.weight"].to(torch.float16))
 
 
 def test_staged_pass_error_unwinds(tiny_model):
@@ -170,3 +173,59 @@ def test_staged_pass_error_unwinds(tiny_model):
         StagedPass(block, adapter.linear_groups, lambda k, x: None, on_stage).run(torch.randn(3, 16, src_cfg.hidden_size), factory.position_embeddings(16))
     assert threading.active_count() == before
     assert type(block.self_attn.q_proj) is torch.nn.Linear  # stand-ins removed
+
+
+def test_stacked_layers_equal_one_by_one(smollm_block0):
+    """q/k/v (and gate/up) share H: GPTQ quantizes them as one stacked matrix; each layer's result is what
+    quantizing it alone gives (rows are independent given H)."""
+    from llmq.methods.gptq import GPTQ
+    from llmq.recipe import LayerSpec
+
+    block, _, hess = smollm_block0
+    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+    ws = [block.get_submodule(n).weight.detach() for n in names]
+    spec = LayerSpec(method="gptq", bits=3, group_size=64)
+    stacked = GPTQ().quantize_stacked(ws, spec, hess[names[0]])
+    for n, w, q in zip(names, ws, stacked):
+        alone = GPTQ().quantize(w, spec, hess[n])
+        assert torch.equal(q.scales, alone.scales), n
+        assert (q.codes != alone.codes).float().mean() < 1e-4, n  # matmul blocking may flip a rare tie
+
+
+def test_inverse_hessian_cholesky_is_the_upper_factor():
+    """U is upper triangular with U ᵀU = (H + λI)⁻¹ (checked in fp64), on an ill-conditioned H."""
+    from llmq.methods.gptq import inverse_hessian_cholesky
+
+    torch.manual_seed(0)
+    x = torch.randn(400, 96) * torch.logspace(-2, 1, 96)
+    H = 2 * x.T @ x / 400
+    U = inverse_hessian_cholesky(H, 0.01).double()
+    assert torch.equal(U, U.triu()) and (U.diagonal() > 0).all()
+    ref = torch.linalg.inv(H.double() + 0.01 * H.diagonal().double().mean() * torch.eye(96, dtype=torch.float64))
+    assert torch.allclose(U.T @ U, ref, rtol=1e-4, atol=1e-6 * ref.abs().max())
+
+
+def test_calibration_dtype_option(tiny_model, tmp_path):
+    """--calib-dtype: bf16 and fp32 calibration both give GPTQ layers better than RTN, keep the unquantized
+    tensors exactly as the source has them, and record the dtype; a bad value is a one-line error."""
+    from safetensors.torch import load_file
+
+    from llmq.source import ModelSource
+
+    src = ModelSource(str(tiny_model))
+    for dt in ("bf16", "fp32"):
+        out = tmp_path / dt
+        r = CliRunner().invoke(app, ["quantize", str(tiny_model), "-o", str(out), "--method", "gptq", "--bits", "3", "--group-size", "32",
+                                     "--nsamples", "4", "--seqlen", "64", "--calib-dtype", dt, "--dtype", "fp32"])
+        assert r.exit_code == 0, r.output
+        cfg = json.loads((out / "config.json").read_text())
+        assert cfg["quantization_config"]["calibration"]["dtype"] == dt
+        rows = json.loads((out / "llmq_report.json").read_text())["layers"]
+        assert all(x["output_err"] < x["rtn_output_err"] for x in rows)
+        written = {}
+        for f in out.glob("*.safetensors"):
+            written.update(load_file(f))
+        norm = "model.layers.0.post_attention_layernorm.weight"
+        assert torch.equal(written[norm], src.tensors.get(norm).float())
+    bad = CliRunner().invoke(app, ["quantize", str(tiny_model), "-o", str(tmp_path / "bad"), "--method", "gptq", "--calib-dtype", "int8"])
+    assert bad.exit_code == 2 and "--calib-dtype" in bad.output and not (tmp_path / "bad").exists()

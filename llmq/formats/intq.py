@@ -66,6 +66,17 @@ class IntQuantized:
     def dequantize(self) -> torch.Tensor:
         return IntFormat.dequantize(self.pack(), self.layer_config())
 
+    def split_rows(self, sizes: list[int]) -> list["IntQuantized"]:
+        """The results for consecutive row blocks (layers that were quantized stacked)."""
+        parts, r0 = [], 0
+        for n in sizes:
+            rows = slice(r0, r0 + n)
+            parts.append(IntQuantized(self.codes[rows].contiguous(), self.scales[rows].contiguous(),
+                                      None if self.zeros is None else self.zeros[rows].contiguous(),
+                                      self.bits, self.group_size, self.g_idx))
+            r0 += n
+        return parts
+
 
 class IntFormat:
     name = "int"

@@ -69,6 +69,7 @@ def main():
     ap.add_argument("--peer-bits", type=int, nargs="*", default=[4, 3], help="bit widths the peer also runs")
     ap.add_argument("--skip-peer", action="store_true")
     ap.add_argument("--quick", action="store_true", help="only llmq true-sequential, RTN and the peer")
+    ap.add_argument("--append", action="store_true", help="add these bit widths' rows to the existing reports/bench_gptq.json")
     a = ap.parse_args()
     env = {**os.environ, "LLMQ_DATA_DIR": str(SHARED / "data"), "HF_HUB_OFFLINE": "1", "COLUMNS": "160"}
     os.environ.update(env)
@@ -96,9 +97,10 @@ def main():
     import transformers
 
 
+    old = json.loads((REPO / "reports/bench_gptq.json").read_text()) if a.append else None
     results = {"machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, transformers {transformers.__version__}",
                "calibration": f"C4 (llmq.calib c4: validation docs 1100-1999), {a.nsamples} x {a.seqlen} tokens, seed 0, identical windows for every run",
-               "fp": ppl_of(fp_dir, tok, a.limit), "runs": []}
+               "fp": old["fp"] if old else ppl_of(fp_dir, tok, a.limit), "runs": [r for r in old["runs"] if r["bits"] not in a.bits] if old else []}
 
     def llmq_run(key, bits, group, extra, calib=True):
         out = a.work / f"llmq-{key}-w{bits}g{group}"

@@ -37,6 +37,8 @@ CONFIGS = {
     "higgs-w4g128-d2": ({"method": "higgs", "bits": 4, "group_size": 128, "options": {"dim": 2}}, False),
     "higgs-w4g128-d1-mse": ({"method": "higgs", "bits": 4, "group_size": 128, "options": {"scale": "mse"}}, False),
     "higgs-w4g128-d2-mse": ({"method": "higgs", "bits": 4, "group_size": 128, "options": {"dim": 2, "scale": "mse"}}, False),
+    "higgs-w4g64-d2": ({"method": "higgs", "bits": 4, "group_size": 64, "options": {"dim": 2}}, False),
+    "higgs-w4g64-d2-mse": ({"method": "higgs", "bits": 4, "group_size": 64, "options": {"dim": 2, "scale": "mse"}}, False),
     "higgs-w3g128-d1": ({"method": "higgs", "bits": 3, "group_size": 128}, False),
     "higgs-w3g128-d2": ({"method": "higgs", "bits": 3, "group_size": 128, "options": {"dim": 2}}, False),
     "higgs-w2g128-d1": ({"method": "higgs", "bits": 2, "group_size": 128}, False),
@@ -92,8 +94,9 @@ def main():
 
     jf = a.out.with_suffix(".json")
     results = json.loads(jf.read_text()) if jf.is_file() else {}
-    proto = {"limit": a.limit, "nsamples": a.nsamples, "seqlen": a.seqlen, "calib": "c4 for any4; every other run --calib none",
-             "threads": a.threads}
+    proto = {"limit": a.limit, "nsamples": a.nsamples, "seqlen": a.seqlen, "calib": "c4 for any4; every other run --calib none"}
+    if results.get("protocol") is not None:
+        results["protocol"].pop("threads", None)  # speed only: not part of what a run computes
     if results.get("protocol") not in (None, proto):
         sys.exit(f"{jf} was made with {results['protocol']}; remove it or pass the same settings")
     results["protocol"] = proto
@@ -132,7 +135,7 @@ def main():
         rep = json.loads((ckpt / "llmq_report.json").read_text())
         info = inspect_checkpoint(str(ckpt))
         errs = [x["output_err"] for x in rep["layers"] if x["output_err"] is not None]
-        results["runs"][name] = {"recipe": recipe, "command": " ".join(map(str, cmd)), "quantize_seconds": qsec,
+        results["runs"][name] = {"threads": a.threads, "recipe": recipe, "command": " ".join(map(str, cmd)), "quantize_seconds": qsec,
                                  "bpw": info["quantized_bpw"], "quantized_bytes": info["quantized_bytes"],
                                  "total_file_bytes": info["total_file_bytes"],
                                  "mean_layer_weight_err": sum(x["weight_err"] for x in rep["layers"]) / len(rep["layers"]),
@@ -206,7 +209,7 @@ def write_md(results: dict, path: Path) -> None:
              "bits/weight = all stored bytes of the quantized layers (codes, fp16 scales, tables, sign vectors) × 8 / weights; "
              "checkpoint MB = every file of the output folder (the unquantized embeddings dominate: 49152 × 576 in fp32). "
              f"`python scripts/bench_lut.py --limit {pr['limit']} --nsamples {pr['nsamples']} --seqlen {pr['seqlen']} "
-             f"--threads {pr['threads']}`.", "",
+             f"--threads N` (speed only).", "",
              "| config | recipe | ppl | bits/weight | quantized layers MB | checkpoint MB | mean layer weight err | mean layer output err | quantize (s) |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name in CONFIGS:

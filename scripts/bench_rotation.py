@@ -58,8 +58,9 @@ def main():
 
     jf = a.out.with_suffix(".json")
     results = json.loads(jf.read_text()) if jf.is_file() else {}
-    proto = {"limit": a.limit, "nsamples": a.nsamples, "seqlen": a.seqlen, "calib": "c4 (GPTQ only; RTN is data-free)",
-             "threads": a.threads}
+    proto = {"limit": a.limit, "nsamples": a.nsamples, "seqlen": a.seqlen, "calib": "c4 (GPTQ only; RTN is data-free)"}
+    if results.get("protocol") is not None:
+        results["protocol"].pop("threads", None)  # speed only: not part of what a run computes
     if results.get("protocol") not in (None, proto):
         sys.exit(f"{jf} was made with {results['protocol']}; remove it or pass the same settings")
     results["protocol"] = proto
@@ -99,7 +100,7 @@ def main():
             model, tok, _ = load_causal_lm(str(ckpt))
             r = ppl(model, tok, a.limit)
             del model
-            results["runs"][key] = {"method": method, "bits": bits, "group_size": gs, "rotate": rot, "command": " ".join(map(str, cmd)),
+            results["runs"][key] = {"threads": a.threads, "method": method, "bits": bits, "group_size": gs, "rotate": rot, "command": " ".join(map(str, cmd)),
                                     "quantize_seconds": qsec, "bpw": info["quantized_bpw"], "total_file_bytes": info["total_file_bytes"],
                                     "mean_layer_output_err": sum(errs) / len(errs) if errs else None,
                                     "mean_layer_weight_err": sum(x["weight_err"] for x in rep["layers"]) / len(rep["layers"]),
@@ -150,7 +151,7 @@ def write_md(results: dict, path: Path) -> None:
              f"({fp.get('tokens', '?')} tokens scored), fp32. fp model: **{fp.get('ppl', float('nan')):.3f}**. "
              f"GPTQ calibration: C4, {pr['nsamples']} windows × {pr['seqlen']} tokens, seed 0; RTN runs data-free (`--calib none`). "
              "Symmetric grids, lm_head and embeddings kept unquantized. `python scripts/bench_rotation.py --limit "
-             f"{pr['limit']} --nsamples {pr['nsamples']} --seqlen {pr['seqlen']} --threads {pr.get('threads', 2)}` (runs can be split with "
+             f"{pr['limit']} --nsamples {pr['nsamples']} --seqlen {pr['seqlen']} --threads N` (runs can be split with "
              "`--configs`/`--rotations`; finished ones are kept).", "",
              "| config | rotate | ppl | Δ vs none | bits/weight | checkpoint MB | mean layer output err | mean layer weight err | quantize (s) |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]

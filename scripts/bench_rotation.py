@@ -19,7 +19,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
-CONFIGS = {"rtn-w3g128": ("rtn", 3, 128), "gptq-w3g128": ("gptq", 3, 128), "gptq-w2g128": ("gptq", 2, 128)}
+CONFIGS = {"rtn-w3g128": ("rtn", 3, 128), "gptq-w3g128": ("gptq", 3, 128), "gptq-w2g128": ("gptq", 2, 128),
+           "rtn-w3g128-mse": ("rtn", 3, 128, "--mse-clip")}
 ROTATIONS = ["none", "hadamard", "residual", "both"]
 
 
@@ -77,7 +78,7 @@ def main():
         print(f"fp: {results['fp']['ppl']:.3f}", flush=True)
 
     for cname in a.configs.split(","):
-        method, bits, gs = CONFIGS[cname]
+        method, bits, gs, *extra = CONFIGS[cname]
         for rot in a.rotations.split(","):
             key = f"{cname}/{rot}"
             if key in results["runs"]:
@@ -86,7 +87,7 @@ def main():
             shutil.rmtree(ckpt, ignore_errors=True)
             calib = ["--nsamples", a.nsamples, "--seqlen", a.seqlen] if method == "gptq" else ["--calib", "none"]
             cmd = ["llmq", "quantize", str(a.model), "-o", str(ckpt), "--method", method, "--bits", bits, "--group-size", gs,
-                   "--sym", "--rotate", rot, *calib]
+                   "--sym", "--rotate", rot, *extra, *calib]
             t0 = time.time()
             p = subprocess.run(list(map(str, cmd)), capture_output=True, text=True)
             if p.returncode != 0:

@@ -14,10 +14,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
+
+from _bench_common import add_common_args, breakdown, ppl, save_report  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -38,36 +39,13 @@ RUNS = {  # name: (llmq quantize flags, recipe options or None, what it is)
 }
 
 
-def ppl(model, tok, limit):
-    from llmq.eval.perplexity import perplexity
-
-    return perplexity(model, tok, "wikitext2", seqlen=2048, limit=limit, data=os.environ["LLMQ_DATA_DIR"]).to_dict()
-
-
-def breakdown(folder: Path, layers: dict) -> dict:
-    """Bytes of the quantized layers' tensors by tensor kind (signs, scales, ...) across the checkpoint."""
-    from llmq.inspect_ckpt import tensor_bytes
-
-    out = defaultdict(int)
-    for name, nbytes in tensor_bytes(folder).items():
-        owner, _, leaf = name.rpartition(".")
-        if owner in layers and leaf != "bias":
-            out[leaf] += nbytes
-    return dict(out)
-
-
 def save(results, out: Path):
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    write_md(results, out.with_suffix(".md"))
+    save_report(results, out, write_md)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--model", type=Path, default=SHARED / "models/smollm2-135m-instruct-q4_1")
-    ap.add_argument("--work", type=Path, default=Path("/tmp/llmq-binary"))
-    ap.add_argument("--limit", type=int, default=8)
-    ap.add_argument("--nsamples", type=int, default=32)
-    ap.add_argument("--seqlen", type=int, default=512)
+    add_common_args(ap, "/tmp/llmq-binary")
     ap.add_argument("--runs", default=",".join(RUNS))
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is faster on a CPU shared with other jobs)")
     ap.add_argument("--out", type=Path, default=REPO / "reports" / "binary_smollm2")

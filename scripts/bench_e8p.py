@@ -22,10 +22,11 @@ from pathlib import Path
 
 import torch
 
+from _bench_common import add_common_args, breakdown, ppl, save_report  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_binary import breakdown, ppl  # noqa: E402  (same perplexity protocol and byte breakdown)
 
 CALIB = "calib"
 RUNS = {  # name: (llmq quantize flags, recipe options or None, what it is)
@@ -47,17 +48,12 @@ RUNS = {  # name: (llmq quantize flags, recipe options or None, what it is)
 
 
 def save(results, out: Path):
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    write_md(results, out.with_suffix(".md"))
+    save_report(results, out, write_md)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--model", type=Path, default=SHARED / "models/smollm2-135m-instruct-q4_1")
-    ap.add_argument("--work", type=Path, default=Path("/tmp/llmq-e8p"))
-    ap.add_argument("--limit", type=int, default=8)
-    ap.add_argument("--nsamples", type=int, default=32)
-    ap.add_argument("--seqlen", type=int, default=512)
+    add_common_args(ap, "/tmp/llmq-e8p")
     ap.add_argument("--runs", default="e8p-2bit-had,e8p-3bit-had,gptq-w2g128,gptq-w3g128")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is faster on a CPU shared with other jobs)")
     ap.add_argument("--out", type=Path, default=REPO / "reports" / "e8p_smollm2")

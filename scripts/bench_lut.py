@@ -11,8 +11,6 @@ LLMQ_HEAVY_LOCK_HELD=1 under `flock`, the caller holds it for the whole run)."""
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -23,9 +21,10 @@ from pathlib import Path
 
 import torch
 
+from _bench_common import add_common_args, heavy_lock, ppl, save_report  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
-LOCK = "/tmp/llmq-heavy.lock"
 
 # name: (recipe dict, needs calibration)
 CONFIGS = {
@@ -48,37 +47,13 @@ CONFIGS = {
 DEFAULT = [k for k in CONFIGS if not k.endswith("-norot")]
 
 
-@contextlib.contextmanager
-def heavy_lock():
-    if os.environ.get("LLMQ_HEAVY_LOCK_HELD"):  # run as `LLMQ_HEAVY_LOCK_HELD=1 flock LOCK python scripts/bench_lut.py`
-        yield
-        return
-    with open(LOCK, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def ppl(model, tok, limit):
-    from llmq.eval.perplexity import perplexity
-
-    return perplexity(model, tok, "wikitext2", seqlen=2048, limit=limit, data=os.environ["LLMQ_DATA_DIR"]).to_dict()
-
-
 def save(results, out: Path):
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    write_md(results, out.with_suffix(".md"))
+    save_report(results, out, write_md)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--model", type=Path, default=SHARED / "models/smollm2-135m-instruct-q4_1")
-    ap.add_argument("--work", type=Path, default=Path("/tmp/llmq-lut"))
-    ap.add_argument("--limit", type=int, default=8)
-    ap.add_argument("--nsamples", type=int, default=32)
-    ap.add_argument("--seqlen", type=int, default=512)
+    add_common_args(ap, "/tmp/llmq-lut")
     ap.add_argument("--configs", default=",".join(DEFAULT), help=f"comma-separated, from {', '.join(CONFIGS)}")
     ap.add_argument("--skip-reload-check", action="store_true")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is far faster than 2 on a CPU shared with other jobs)")

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from _bench_common import add_common_args, ppl, save_report  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 CONFIGS = {"rtn-w3g128": ("rtn", 3, 128), "gptq-w3g128": ("gptq", 3, 128), "gptq-w2g128": ("gptq", 2, 128),
@@ -24,24 +26,13 @@ CONFIGS = {"rtn-w3g128": ("rtn", 3, 128), "gptq-w3g128": ("gptq", 3, 128), "gptq
 ROTATIONS = ["none", "hadamard", "residual", "both"]
 
 
-def ppl(model, tok, limit):
-    from llmq.eval.perplexity import perplexity
-
-    return perplexity(model, tok, "wikitext2", seqlen=2048, limit=limit, data=os.environ["LLMQ_DATA_DIR"]).to_dict()
-
-
 def save(results, out: Path):
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    write_md(results, out.with_suffix(".md"))
+    save_report(results, out, write_md)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--model", type=Path, default=SHARED / "models/smollm2-135m-instruct-q4_1")
-    ap.add_argument("--work", type=Path, default=Path("/tmp/llmq-rot"))
-    ap.add_argument("--limit", type=int, default=8)
-    ap.add_argument("--nsamples", type=int, default=32)
-    ap.add_argument("--seqlen", type=int, default=512)
+    add_common_args(ap, "/tmp/llmq-rot")
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--rotations", default=",".join(ROTATIONS))
     ap.add_argument("--skip-reload-check", action="store_true")

@@ -74,7 +74,7 @@ def main():
              "repeated runs (median in the JSON). ‖TTᵀ−I‖∞ is computed densely up to n = 4096 (exactness for every size "
              "is a test: the integer factors satisfy H Hᵀ = n I exactly).", "",
              f"Environment: torch {env['torch']}, {a.threads} threads, {env['cpus']} CPUs, load average at the end "
-             f"{', '.join(f'{v:.1f}' for v in env['loadavg_at_end'])} (the machine is shared; see the note below).", "",
+             f"{', '.join(f'{v:.1f}' for v in env['loadavg_at_end'])} (the machine is shared{'; see the note below' if a.note else ''}).", "",
              "| n | m × 2^k | H_m | batch | fast (ms) | dense (ms) | speedup | ‖TTᵀ−I‖∞ (fp64) | ‖fast−dense‖∞ (fp64) |",
              "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:

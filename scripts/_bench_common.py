@@ -59,3 +59,28 @@ def heavy_lock():
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def setup_env(threads: int) -> None:
+    """Local data, no hub, and the requested torch threads (here and in subprocesses)."""
+    import torch
+
+    os.environ.setdefault("LLMQ_DATA_DIR", str(SHARED / "data"))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+
+
+def load_results(jf: Path, proto: dict, ignore: tuple = ()) -> dict:
+    """The report's earlier results (finished runs are kept), refusing ones made with another protocol; keys in
+    `ignore` (speed settings such as threads) are dropped from an older protocol before comparing."""
+    import sys
+
+    results = json.loads(jf.read_text()) if jf.is_file() else {}
+    for k in ignore:
+        (results.get("protocol") or {}).pop(k, None)
+    if results.get("protocol") not in (None, proto):
+        sys.exit(f"{jf} was made with {results['protocol']}; remove it or pass the same settings")
+    results["protocol"] = proto
+    results.setdefault("runs", {})
+    return results

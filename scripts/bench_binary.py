@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -16,9 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 
-from _bench_common import add_common_args, breakdown, ppl, save_report  # noqa: E402
+from _bench_common import add_common_args, breakdown, load_results, ppl, save_report, setup_env  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -51,21 +49,14 @@ def main():
     ap.add_argument("--out", type=Path, default=REPO / "reports" / "binary_smollm2")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints under --work")
     a = ap.parse_args()
-    os.environ.setdefault("LLMQ_DATA_DIR", str(SHARED / "data"))
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ["OMP_NUM_THREADS"] = str(a.threads)
-    torch.set_num_threads(a.threads)
+    setup_env(a.threads)
     import llmq  # noqa: F401
     from llmq.inspect_ckpt import inspect_checkpoint
     from llmq.loading import load_causal_lm
 
     jf = a.out.with_suffix(".json")
-    results = json.loads(jf.read_text()) if jf.is_file() else {}
     proto = {"limit": a.limit, "nsamples": a.nsamples, "seqlen": a.seqlen, "calib": "c4, seed 0", "threads": a.threads}
-    if results.get("protocol") not in (None, proto):
-        sys.exit(f"{jf} was made with {results['protocol']}; remove it or pass the same settings")
-    results["protocol"] = proto
-    results.setdefault("runs", {})
+    results = load_results(jf, proto)
     a.work.mkdir(parents=True, exist_ok=True)
     if "fp" not in results:
         model, tok, _ = load_causal_lm(str(a.model))

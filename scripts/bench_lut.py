@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from _bench_common import add_common_args, heavy_lock, ppl, save_report  # noqa: E402
+from _bench_common import add_common_args, heavy_lock, load_results, ppl, save_report, setup_env  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -59,23 +59,14 @@ def main():
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is far faster than 2 on a CPU shared with other jobs)")
     ap.add_argument("--out", type=Path, default=REPO / "reports" / "lut_smollm2")
     a = ap.parse_args()
-    os.environ.setdefault("LLMQ_DATA_DIR", str(SHARED / "data"))
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ["OMP_NUM_THREADS"] = str(a.threads)
-    torch.set_num_threads(a.threads)
+    setup_env(a.threads)
     import llmq  # noqa: F401
     from llmq.inspect_ckpt import inspect_checkpoint
     from llmq.loading import load_causal_lm
 
     jf = a.out.with_suffix(".json")
-    results = json.loads(jf.read_text()) if jf.is_file() else {}
     proto = {"limit": a.limit, "nsamples": a.nsamples, "seqlen": a.seqlen, "calib": "c4 for any4; every other run --calib none"}
-    if results.get("protocol") is not None:
-        results["protocol"].pop("threads", None)  # speed only: not part of what a run computes
-    if results.get("protocol") not in (None, proto):
-        sys.exit(f"{jf} was made with {results['protocol']}; remove it or pass the same settings")
-    results["protocol"] = proto
-    results.setdefault("runs", {})
+    results = load_results(jf, proto, ignore=("threads",))
     a.work.mkdir(parents=True, exist_ok=True)
 
     if "grid_mse" not in results:

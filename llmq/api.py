@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from .adapters import adapter_for
 from .blocks import cast_dense_params, forward_block
-from .calib import resolve_calib_dtype
+from .calib import calib_batch_size, resolve_calib_dtype
 from .formats import FORMAT_VERSION
 from .hf import LlmqConfig, LlmqHfQuantizer
 from .modules import LlmqLinear, set_submodule
@@ -21,7 +21,7 @@ from .rotation import check_sizes, residual_rotation, rotate_model_
 
 
 @torch.no_grad()
-def quantize_(model, recipe: Recipe | None = None, calib_ids: torch.Tensor | None = None, batch_size: int = 1,
+def quantize_(model, recipe: Recipe | None = None, calib_ids: torch.Tensor | None = None, batch_size: int | None = None,
               calib_dtype: str = "auto") -> list[dict]:
     """Quantize `model` in place; returns the per-layer report rows. `calib_dtype`: the dtype the calibration
     samples run through the blocks in (llmq.calib.resolve_calib_dtype; the same default as `llmq quantize`)."""
@@ -38,6 +38,7 @@ def quantize_(model, recipe: Recipe | None = None, calib_ids: torch.Tensor | Non
     if calib_ids is not None:
         hidden = F.embedding(calib_ids, model.get_submodule(adapter.embed).weight.float()).to(cdtype)
         seqlen = calib_ids.shape[1]
+        batch_size = calib_batch_size(batch_size, seqlen)
         pos_emb = rotary(torch.zeros(1, seqlen, 1, dtype=cdtype), torch.arange(seqlen).unsqueeze(0))
     dtype = next(model.parameters()).dtype
     layers, rows = {}, []

@@ -44,6 +44,20 @@ class CalibConfig:
 CALIB_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+CALIB_BATCH_TOKENS = 4096  # default tokens per calibration forward pass
+
+
+def calib_batch_size(batch_size: int | None, seqlen: int) -> int:
+    """Sequences per calibration forward pass: as given, else as many as fill CALIB_BATCH_TOKENS (at least
+    one). Larger matmuls and fewer paused samples in a staged pass: measured 1.3x faster per SmolLM2 block
+    (32 x 512 tokens, bf16, 2 cores: 8 sequences per pass vs 1). Results do not depend on it beyond rounding."""
+    from .errors import InputError
+
+    if batch_size is not None and batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {batch_size}")
+    return batch_size if batch_size is not None else max(1, CALIB_BATCH_TOKENS // max(1, seqlen))
+
+
 def resolve_calib_dtype(name: str) -> torch.dtype:
     """The dtype the calibration samples run through the blocks in. `auto`: bf16 where the CPU multiplies
     bf16 natively (AVX512-BF16 / AMX: 2-3x the fp32 matmul rate), else fp32. The GPTQ reference code runs

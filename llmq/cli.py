@@ -66,7 +66,7 @@ def quantize(
     calib_dtype: Annotated[str, typer.Option(help="dtype of the calibration forward passes: auto (bf16 on CPUs with native bf16 matmul, as the GPTQ reference runs fp16; else fp32), fp32, bf16, fp16. Weights, Hessians and the quantization math are fp32 regardless.")] = "auto",
     data_dir: Annotated[Optional[str], typer.Option(help="Local data folder (layout of ../shared/data); default $LLMQ_DATA_DIR, else the hub.")] = None,
     dtype: Annotated[str, typer.Option(help="dtype of tensors kept unquantized (embeddings, norms): auto (as the source stores them), fp16, bf16, fp32.")] = "auto",
-    batch_size: Annotated[int, typer.Option(help="Calibration sequences per forward pass.")] = 1,
+    batch_size: Annotated[Optional[int], typer.Option(help="Calibration sequences per forward pass (default: as many as fill 4096 tokens).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
     verbose: Annotated[bool, typer.Option(help="Print every layer in the summary, not one row per layer type.")] = False,
 ):

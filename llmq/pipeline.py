@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 from . import __version__
 from .adapters import adapter_for
 from .blocks import BlockFactory, cast_dense_params, forward_block
-from .calib import CalibConfig, calibration_ids
+from .calib import CalibConfig, calib_batch_size, calibration_ids
 from .errors import InputError
 from .formats import FORMAT_VERSION
 from .hf import QUANT_METHOD
@@ -54,7 +54,7 @@ class QuantizeJob:
     recipe: Recipe = field(default_factory=Recipe)
     calib: CalibConfig = field(default_factory=CalibConfig)
     dtype: str = "auto"  # for tensors kept unquantized; auto = as the source stores them
-    batch_size: int = 1
+    batch_size: int | None = None  # calibration sequences per pass; None: llmq.calib.calib_batch_size
     overwrite: bool = False
 
     def fingerprint(self, source: ModelSource) -> dict:
@@ -132,6 +132,7 @@ def run_quantize(job: QuantizeJob, log=print, progress=None) -> dict:
         raise InputError(f"output folder already exists: {job.out} (pass --overwrite to replace it)")
     if job.dtype != "auto" and job.dtype not in DTYPES:
         raise InputError(f"--dtype must be auto, fp16, bf16 or fp32, got {job.dtype!r}")
+    calib_batch_size(job.batch_size, job.calib.seqlen)  # a bad --batch-size fails before any work
     job = dataclasses.replace(job, calib=job.calib.resolved())  # the fingerprint and metadata name the real dtype
     keep_freed_memory_mapped()
     source = ModelSource(job.model)
@@ -187,6 +188,7 @@ def _quantize_blocks(job, source, adapter, factory, recipe, ids, work, out_dtype
     del embed
     release_memory()
     pos_emb = factory.position_embeddings(job.calib.seqlen, cdtype) if ids is not None else None
+    batch_size = calib_batch_size(job.batch_size, job.calib.seqlen)
     all_layers, rows = {}, []
     kill_after = int(os.environ.get("LLMQ_DEBUG_KILL_AFTER_BLOCK", "-1"))  # test hook: simulate a crash
 
@@ -204,7 +206,7 @@ def _quantize_blocks(job, source, adapter, factory, recipe, ids, work, out_dtype
             del state
             if hasattr(tensors_src, "release"):
                 tensors_src.release(prefix)
-            calib = Calibration(hidden, pos_emb, job.batch_size) if hidden is not None else None
+            calib = Calibration(hidden, pos_emb, batch_size) if hidden is not None else None
             tensors, layer_cfgs, block_rows = quantize_block(block, prefix, adapter, recipe, out_dtype, calib)
             staged_out = calib.output if calib is not None else None
             del block, calib
@@ -214,7 +216,7 @@ def _quantize_blocks(job, source, adapter, factory, recipe, ids, work, out_dtype
             hidden = staged_out
         elif hidden is not None:
             qblock = cast_dense_params(install_quantized(factory.meta_block(i), prefix, tensors, layer_cfgs), cdtype)
-            hidden = forward_block(qblock, hidden, pos_emb, job.batch_size)
+            hidden = forward_block(qblock, hidden, pos_emb, batch_size)
             del qblock
         del tensors
         release_memory()

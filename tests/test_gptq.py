@@ -229,3 +229,23 @@ def test_calibration_dtype_option(tiny_model, tmp_path):
         assert torch.equal(written[norm], src.tensors.get(norm).float())
     bad = CliRunner().invoke(app, ["quantize", str(tiny_model), "-o", str(tmp_path / "bad"), "--method", "gptq", "--calib-dtype", "int8"])
     assert bad.exit_code == 2 and "--calib-dtype" in bad.output and not (tmp_path / "bad").exists()
+
+
+def test_calibration_batch_size(tiny_model, tmp_path):
+    """The calibration batch (default: as many sequences as fill 4096 tokens) changes only the rounding of
+    the forward pass: per-layer GPTQ errors agree with one sequence per pass; --batch-size 0 is refused."""
+    from llmq.calib import calib_batch_size
+
+    assert calib_batch_size(None, 512) == 8 and calib_batch_size(None, 8192) == 1 and calib_batch_size(3, 512) == 3
+    errs = {}
+    for name, extra in (("one", ["--batch-size", "1"]), ("auto", [])):
+        out = tmp_path / name
+        r = CliRunner().invoke(app, ["quantize", str(tiny_model), "-o", str(out), "--method", "gptq", "--bits", "3", "--group-size", "32",
+                                     "--nsamples", "4", "--seqlen", "64", "--calib-dtype", "fp32", "--true-sequential", *extra])
+        assert r.exit_code == 0, r.output
+        errs[name] = {x["layer"]: x["output_err"] for x in json.loads((out / "llmq_report.json").read_text())["layers"]}
+    assert errs["one"].keys() == errs["auto"].keys()
+    for k, e in errs["one"].items():
+        assert abs(errs["auto"][k] - e) <= 1e-3 * e, (k, e, errs["auto"][k])
+    bad = CliRunner().invoke(app, ["quantize", str(tiny_model), "-o", str(tmp_path / "bad"), "--method", "gptq", "--batch-size", "0"])
+    assert bad.exit_code != 0 and "--batch-size" in bad.output and not (tmp_path / "bad").exists()

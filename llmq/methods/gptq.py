@@ -45,6 +45,11 @@ def inverse_hessian_cholesky(H: torch.Tensor, damp: float, max_tries: int = 6) -
 
 _FACTOR_CACHE: dict = {}
 
+# Lazy updates nest: inside a 128-column block, columns are quantized in sub-blocks of 32 whose errors reach
+# the block's later columns as one matrix product; each column's rank-1 update then touches at most 31
+# columns instead of up to 127 (the same arithmetic, fewer passes over memory in the per-column loop).
+SUB_BLOCK = 32
+
 
 def _factor(H: torch.Tensor, act_order: bool, damp: float, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dead columns, column order, upper Cholesky factor of the damped inverse Hessian in that order).
@@ -108,19 +113,26 @@ def _gptq(w, factor, bits, group_size, sym, mse_clip, act_order, block_size, hes
         W1 = Wt[b0:b1].clone()
         Err1 = torch.empty_like(W1)
         Hinv1 = Hinv[b0:b1, b0:b1]
-        for i in range(b1 - b0):
-            col = b0 + i
-            gi = group_of[col]
-            if starts_group[col]:  # first column of a group: fix its grid from the weights as updated so far
-                s, z = find_scales(torch.cat([W1[i:], Wt[b1:]])[:g].T.float(), bits, 0, sym, mse_clip)
-                scales[gi], zeros[gi] = s[:, 0], z[:, 0]
-            s, z = scales[gi], zeros[gi]
-            wcol = W1[i]
-            q = torch.div(wcol, s).round_().add_(z).clamp_(0, maxq)
-            codes_t[col] = q
-            err = Err1[i]
-            torch.sub(wcol, q.sub_(z).mul_(s), out=err).div_(Hinv1[i, i])
-            W1[i + 1 :].addr_(Hinv1[i, i + 1 :], err, alpha=-1)  # push the error onto the block's later columns
+        for s0 in range(0, b1 - b0, SUB_BLOCK):
+            s1 = min(s0 + SUB_BLOCK, b1 - b0)
+            pending = s0  # columns whose errors have not yet reached the block's columns after s1
+            for i in range(s0, s1):
+                col = b0 + i
+                gi = group_of[col]
+                if starts_group[col]:  # first column of a group: fix its grid from the weights as updated so far
+                    if i > pending:  # (the group's columns past s1 must first receive the pending errors)
+                        W1[s1:].addmm_(Hinv1[pending:i, s1:].T, Err1[pending:i], alpha=-1)
+                        pending = i
+                    s, z = find_scales(torch.cat([W1[i:], Wt[b1:]])[:g].T.float(), bits, 0, sym, mse_clip)
+                    scales[gi], zeros[gi] = s[:, 0], z[:, 0]
+                s, z = scales[gi], zeros[gi]
+                wcol = W1[i]
+                q = torch.div(wcol, s).round_().add_(z).clamp_(0, maxq)
+                codes_t[col] = q
+                err = Err1[i]
+                torch.sub(wcol, q.sub_(z).mul_(s), out=err).div_(Hinv1[i, i])
+                W1[i + 1 : s1].addr_(Hinv1[i, i + 1 : s1], err, alpha=-1)  # the error onto the sub-block's later columns
+            W1[s1:].addmm_(Hinv1[pending:s1, s1:].T, Err1[pending:s1], alpha=-1)  # lazy update of the block's later columns
         Wt[b1:].addmm_(Hinv[b0:b1, b1:].T, Err1, alpha=-1)  # lazy batch update of all later columns
 
     codes = codes_t.T[:, torch.argsort(perm)].contiguous()

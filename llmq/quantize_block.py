@@ -225,7 +225,8 @@ def quantize_block(block: nn.Module, prefix: str, adapter: DecoderAdapter, recip
         output_err = rtn_err = None
         if H is not None:
             wHw = output_energy(w, H)
-            output_err = relative_output_error(w, deq, H, wHw)
+            known = getattr(q, "hessian_error", None)  # GPTQ's loop already has ‖(W−Q)X‖² (same H, same basis)
+            output_err = float(known.sum()) / max(wHw, 1e-30) if known is not None else relative_output_error(w, deq, H, wHw)
             if spec.method != "rtn" and cfg["format"] == "int":  # the round-to-nearest baseline, same layer and grid
                 rtn_err = relative_output_error(w, METHODS["rtn"].quantize(w, spec).dequantize(), H, wHw)
         del deq

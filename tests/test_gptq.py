@@ -197,12 +197,13 @@ def test_inverse_hessian_cholesky_is_the_upper_factor():
     from llmq.methods.gptq import inverse_hessian_cholesky
 
     torch.manual_seed(0)
-    x = torch.randn(400, 96) * torch.logspace(-2, 1, 96)
-    H = 2 * x.T @ x / 400
-    U = inverse_hessian_cholesky(H, 0.01).double()
-    assert torch.equal(U, U.triu()) and (U.diagonal() > 0).all()
-    ref = torch.linalg.inv(H.double() + 0.01 * H.diagonal().double().mean() * torch.eye(96, dtype=torch.float64))
-    assert torch.allclose(U.T @ U, ref, rtol=1e-4, atol=1e-6 * ref.abs().max())
+    for n in (96, 600):  # 600: the triangular inverse recurses (halves of 320 and 280, leaves below 256)
+        x = torch.randn(4 * n, n) * torch.logspace(-2, 1, n)
+        H = 2 * x.T @ x / (4 * n)
+        U = inverse_hessian_cholesky(H, 0.01).double()
+        assert torch.equal(U, U.triu()) and (U.diagonal() > 0).all()
+        ref = torch.linalg.inv(H.double() + 0.01 * H.diagonal().double().mean() * torch.eye(n, dtype=torch.float64))
+        assert torch.allclose(U.T @ U, ref, rtol=1e-4, atol=1e-6 * ref.abs().max())
 
 
 def test_calibration_dtype_option(tiny_model, tmp_path):
@@ -249,3 +250,22 @@ def test_calibration_batch_size(tiny_model, tmp_path):
         assert abs(errs["auto"][k] - e) <= 1e-3 * e, (k, e, errs["auto"][k])
     bad = CliRunner().invoke(app, ["quantize", str(tiny_model), "-o", str(tmp_path / "bad"), "--method", "gptq", "--batch-size", "0"])
     assert bad.exit_code != 0 and "--batch-size" in bad.output and not (tmp_path / "bad").exists()
+
+
+def test_gptq_reports_its_output_error_exactly():
+    """GPTQ's per-layer output error comes from its own loop (‖E‖² − λ‖W−Q‖², since W − Q = E U): it must equal
+    tr((W−Q) H (W−Q)ᵀ) computed directly from the packed result, per row, for every grid and column order."""
+    from llmq.methods.gptq import gptq_quantize
+
+    torch.manual_seed(0)
+    x = torch.randn(1024, 150) * torch.logspace(-2, 1, 150)
+    x[:, 7] = 0  # a dead input
+    H = 2 * x.T @ x / 1024
+    w = torch.randn(40, 150)
+    for sym in (True, False):
+        for act_order in (True, False):
+            for g in (48, 0):
+                q = gptq_quantize(w, H, 3, g, sym, act_order=act_order)
+                d = (w - q.dequantize()).double()
+                direct = ((d @ H.double()) * d).sum(1)
+                assert torch.allclose(q.hessian_error.double(), direct, rtol=2e-4, atol=1e-6 * direct.max()), (sym, act_order, g)

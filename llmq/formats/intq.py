@@ -42,6 +42,7 @@ class IntQuantized:
     bits: int
     group_size: int
     g_idx: torch.Tensor | None = None  # int32 [in], act-order only
+    hessian_error: torch.Tensor | None = None  # fp32 [out]: ‖(W−Q)X‖² per row in H's scale, if the method knows it (GPTQ)
 
     def layer_config(self) -> dict:
         out, inp = self.codes.shape
@@ -73,7 +74,8 @@ class IntQuantized:
             rows = slice(r0, r0 + n)
             parts.append(IntQuantized(self.codes[rows].contiguous(), self.scales[rows].contiguous(),
                                       None if self.zeros is None else self.zeros[rows].contiguous(),
-                                      self.bits, self.group_size, self.g_idx))
+                                      self.bits, self.group_size, self.g_idx,
+                                      None if self.hessian_error is None else self.hessian_error[rows]))
             r0 += n
         return parts
 

@@ -25,7 +25,7 @@ def cholesky_factor(H: torch.Tensor | None, cols: int, damp: float = 0.01):
     """(dead columns, upper Cholesky factor of the damped inverse Hessian); H = None means H = I (no data)."""
     if H is None:
         return torch.zeros(cols, dtype=torch.bool), torch.eye(cols)
-    dead, _perm, U = _factor(H, False, damp, torch.float32)
+    dead, _perm, U, _damping = _factor(H, False, damp, torch.float32)
     return dead, U
 
 

@@ -36,11 +36,11 @@ def forward_block(block: nn.Module, hidden: torch.Tensor, position_embeddings, b
     return out
 
 
-def dense_forward(m: nn.Module) -> nn.Module:
+def dense_forward(m: nn.Module, weight: torch.Tensor | None = None) -> nn.Module:
     """Make packed layer `m` compute with its weight dequantized once (the same values its packed matmul
-    uses) instead of unpacking it on every call: for the many calibration samples passing through a block.
-    The dense weight is cast once per input dtype (bf16 calibration passes)."""
-    w, b, cast = m.dequantize(), m.bias, {}
+    uses; `weight` when the caller already decoded it) instead of unpacking it on every call: for the many
+    calibration samples passing through a block. The dense weight is cast once per input dtype (bf16 passes)."""
+    w, b, cast = m.dequantize() if weight is None else weight, m.bias, {}
 
     def forward(x):
         if x.dtype not in cast:

@@ -167,9 +167,9 @@ def quantize_block(block: nn.Module, prefix: str, adapter: DecoderAdapter, recip
                 H = rotated_h[key]
         return spec, w, inc, H
 
-    def quantize_group(names: list[str], H: torch.Tensor | None) -> dict:
+    def quantize_group(names: list[str], H: torch.Tensor | None, dense: bool = False) -> dict:
         """Quantize layers that read the same input; returns {name: quantized stand-in module} (None for a
-        layer the recipe keeps). Layers with one spec and a method that quantizes rows independently given
+        layer the recipe keeps), computing with its decoded weight if `dense` (blocks.dense_forward). Layers with one spec and a method that quantizes rows independently given
         H (GPTQ) are quantized as one stacked matrix: one column loop instead of one per layer, same result."""
         t0 = time.perf_counter()
         prepared = {n: prepare(n, H) for n in names}
@@ -192,13 +192,13 @@ def quantize_block(block: nn.Module, prefix: str, adapter: DecoderAdapter, recip
         for n in todo:
             t = time.perf_counter()
             spec, w, inc, Hn = prepared[n]
-            modules[n] = finish(n, spec, w, inc, Hn, results[n])
+            modules[n] = finish(n, spec, w, inc, Hn, results[n], dense)
             prepared[n] = None  # free the fp weight before the next (larger) layer
             own = shares.get(n, quant_seconds * w.shape[0] / total_rows)  # a stacked call: shared by rows
             rows[-1]["seconds"] = own + time.perf_counter() - t
         return modules
 
-    def finish(name: str, spec, w: torch.Tensor, inc, H: torch.Tensor | None, q):
+    def finish(name: str, spec, w: torch.Tensor, inc, H: torch.Tensor | None, q, dense: bool = False):
         """Pack one layer's result, record it, and report its errors; returns its quantized stand-in."""
         full = prefix + name
         lin = block.get_submodule(name)
@@ -229,6 +229,11 @@ def quantize_block(block: nn.Module, prefix: str, adapter: DecoderAdapter, recip
             output_err = float(known.sum()) / max(wHw, 1e-30) if known is not None else relative_output_error(w, deq, H, wHw)
             if spec.method != "rtn" and cfg["format"] == "int":  # the round-to-nearest baseline, same layer and grid
                 rtn_err = relative_output_error(w, METHODS["rtn"].quantize(w, spec).dequantize(), H, wHw)
+        module = LlmqLinear.from_packed(cfg, packed, None if bias is None else bias.to(out_dtype).to(torch.float32))
+        if dense:
+            from .blocks import dense_forward
+
+            dense_forward(module, deq)
         del deq
         lin.weight = None  # the fp weight is no longer needed
         rows.append({
@@ -243,7 +248,7 @@ def quantize_block(block: nn.Module, prefix: str, adapter: DecoderAdapter, recip
             "rtn_output_err": rtn_err,
             "seconds": 0.0,
         })
-        return LlmqLinear.from_packed(cfg, packed, None if bias is None else bias.to(out_dtype).to(torch.float32))
+        return module
 
     for pname, p in block.named_parameters():  # what the checkpoint will hold, so calibration sees it too
         if pname.rsplit(".", 1)[0] not in linear_names and p.dtype != out_dtype:
@@ -264,15 +269,15 @@ def quantize_block(block: nn.Module, prefix: str, adapter: DecoderAdapter, recip
         for group in adapter.linear_groups:
             quantize_group(group, hessians[group[0]])
     elif _staged_fits(block, calib):
-        from .blocks import StagedPass, dense_forward
+        from .blocks import StagedPass
 
         grams = _GramSums()
         groups = adapter.linear_groups
 
         def on_stage(k: int):
-            for name, module in quantize_group(groups[k], grams.hessian(k)).items():
+            for name, module in quantize_group(groups[k], grams.hessian(k), dense=True).items():
                 if module is not None:
-                    passer.replace(name, dense_forward(module))
+                    passer.replace(name, module)
 
         passer = StagedPass(block, groups, grams.add, on_stage)
         calib.output = passer.run(calib.hidden, calib.position_embeddings, calib.batch_size)

@@ -66,3 +66,18 @@ def test_zero_rows_stay_zero():
     w = torch.zeros(4, 64)
     assert torch.equal(rtn_quantize(w, 4, 32, True).dequantize(), w)
     assert torch.equal(rtn_quantize(w, 4, 32, False).dequantize(), w)
+
+
+def test_unpacked_decode_equals_packed_decode():
+    """IntQuantized.dequantize (straight from the codes, used for reports) is bit-identical to decoding the
+    packed tensors, for symmetric and asymmetric grids, a short last group and an act-order group index."""
+    from llmq.formats.intq import IntFormat
+    from llmq.methods.gptq import gptq_quantize
+    from llmq.methods.rtn import rtn_quantize
+
+    torch.manual_seed(0)
+    w = torch.randn(24, 100)
+    x = torch.randn(400, 100)
+    for sym in (True, False):
+        for q in (rtn_quantize(w, 3, 32, sym), gptq_quantize(w, 2 * x.T @ x / 400, 3, 32, sym, act_order=True)):
+            assert torch.equal(q.dequantize(), IntFormat.dequantize(q.pack(), q.layer_config()))

@@ -65,7 +65,11 @@ class IntQuantized:
         return t
 
     def dequantize(self) -> torch.Tensor:
-        return IntFormat.dequantize(self.pack(), self.layer_config())
+        """What the packed tensors decode to (IntFormat.dequantize), straight from the unpacked codes."""
+        inp = self.codes.shape[1]
+        gi = self.g_idx.long() if self.g_idx is not None else default_group_index(inp, self.group_size)
+        zeros = None if self.zeros is None else self.zeros.to(torch.float32)
+        return decode_int(self.codes.to(torch.float32), self.scales, zeros, gi, self.bits)
 
     def split_rows(self, sizes: list[int]) -> list["IntQuantized"]:
         """The results for consecutive row blocks (layers that were quantized stacked)."""
@@ -103,5 +107,10 @@ class IntFormat:
         bits, inp = cfg["bits"], cfg["in_features"]
         codes = unpack_bits(t["qweight"], bits, inp).to(torch.float32)
         gi = t["g_idx"].long() if "g_idx" in t else default_group_index(inp, cfg["group_size"]).to(codes.device)
-        zeros = t["qzeros"].to(torch.float32)[:, gi] if "qzeros" in t else float(1 << (bits - 1))
-        return codes.sub_(zeros).mul_(t["scales"].to(torch.float32)[:, gi])
+        return decode_int(codes, t["scales"], t["qzeros"].to(torch.float32) if "qzeros" in t else None, gi, bits)
+
+
+def decode_int(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, gi: torch.Tensor, bits: int) -> torch.Tensor:
+    """(codes − zero) · scale per weight, fp32 [out, in]; codes fp32 (consumed), zeros [out, G] or None (symmetric)."""
+    zeros = zeros[:, gi] if zeros is not None else float(1 << (bits - 1))
+    return codes.sub_(zeros).mul_(scales.to(torch.float32)[:, gi])

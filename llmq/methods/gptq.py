@@ -100,6 +100,19 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, 
         return _gptq(w, factor, bits, group_size, sym, mse_clip, act_order, block_size, hessian_dtype)
 
 
+def round_columns(W1: torch.Tensor, rows: tuple, scales, lows, highs, group_of: list[int], i0: int, i1: int, s1: int) -> None:
+    """The per-column step for columns i0..i1−1 of a block W1 ([column, row] layout): round to the group's grid,
+    error e = (w − grid value) / Hinv[i, i], pushed onto the block's columns up to s1. `rows`: per-column views
+    of W1, of the rounded values, of the errors and of the block's Hinv rows, and 1/diag(Hinv), made once per block."""
+    w_rows, q_rows, err_rows, h_rows, inv_diag = rows
+    for i in range(i0, i1):
+        g, w, q, e = group_of[i], w_rows[i], q_rows[i], err_rows[i]
+        torch.div(w, scales[g], out=q).round_().clamp_(lows[g], highs[g])
+        torch.addcmul(w, q, scales[g], value=-1.0, out=e).mul_(inv_diag[i])
+        if i + 1 < s1:
+            W1[i + 1 : s1].addr_(h_rows[i][i + 1 : s1], e, alpha=-1.0)
+
+
 def _gptq(w, factor, bits, group_size, sym, mse_clip, act_order, block_size, hessian_dtype) -> IntQuantized:
     rows, cols = w.shape
     g = group_size or cols
@@ -107,7 +120,8 @@ def _gptq(w, factor, bits, group_size, sym, mse_clip, act_order, block_size, hes
     maxq = (1 << bits) - 1
     dead, perm, Hinv, damping = factor
     W = w.to(hessian_dtype).clone()
-    W[:, dead] = 0
+    if dead.any():
+        W[:, dead] = 0
 
     # Grids are kept transposed ([group, row]) and so is W ([column, row]): each step of the column loop
     # then reads and updates contiguous rows of memory.
@@ -123,9 +137,10 @@ def _gptq(w, factor, bits, group_size, sym, mse_clip, act_order, block_size, hes
     group_of = group_of_t.tolist()
     starts_group = [(not static) and int(c) % g == 0 for c in perm.tolist()]
     # The loop rounds to q − zero ∈ [−zero, maxq − zero] (grid value = scale · that, exactly as stored); the codes
-    # are q − zero + zero, added once after the loop. Symmetric grids have one constant zero: scalar bounds.
+    # are q − zero + zero, added once after the loop.
     Qt = torch.empty(cols, rows, dtype=hessian_dtype)
     err_energy = torch.zeros(rows, dtype=hessian_dtype)
+    # Per-group rounding bounds: symmetric grids share one constant zero (scalar bounds are the faster clamp).
     lows, highs = (-zeros, maxq - zeros) if not sym else ([-(1 << (bits - 1))] * n_groups, [maxq - (1 << (bits - 1))] * n_groups)
     scale_rows = scales.unbind(0)
 
@@ -134,28 +149,25 @@ def _gptq(w, factor, bits, group_size, sym, mse_clip, act_order, block_size, hes
         W1 = Wt[b0:b1].clone()
         Err1 = torch.empty_like(W1)
         Hinv1 = Hinv[b0:b1, b0:b1]
-        # Per-column views made once per block (each view is a Python-level call in the loop otherwise).
-        w_rows, err_rows, h_rows, q_rows = W1.unbind(0), Err1.unbind(0), Hinv1.unbind(0), Qt[b0:b1].unbind(0)
-        inv_diag = Hinv1.diagonal().reciprocal().tolist()
+        block_groups = group_of[b0:b1]
+        views = (W1.unbind(0), Qt[b0:b1].unbind(0), Err1.unbind(0), Hinv1.unbind(0), Hinv1.diagonal().reciprocal().tolist())
         for s0 in range(0, b1 - b0, SUB_BLOCK):
             s1 = min(s0 + SUB_BLOCK, b1 - b0)
             pending = s0  # columns whose errors have not yet reached the block's columns after s1
-            for i in range(s0, s1):
-                col = b0 + i
-                gi = group_of[col]
-                if starts_group[col]:  # first column of a group: fix its grid from the weights as updated so far
+            i = s0
+            while i < s1:
+                if starts_group[b0 + i]:  # first column of a group: fix its grid from the weights as updated so far
                     if i > pending:  # (the group's columns past s1 must first receive the pending errors)
                         W1[s1:].addmm_(Hinv1[pending:i, s1:].T, Err1[pending:i], alpha=-1)
                         pending = i
+                    gi = group_of[b0 + i]
                     sc, z = find_scales(torch.cat([W1[i:], Wt[b1:]])[:g].T.float(), bits, 0, sym, mse_clip)
                     scales[gi], zeros[gi] = sc[:, 0], z[:, 0]
                     if not sym:
                         lows[gi], highs[gi] = -zeros[gi], maxq - zeros[gi]
-                wcol, q, err, s = w_rows[i], q_rows[i], err_rows[i], scale_rows[gi]
-                torch.div(wcol, s, out=q).round_().clamp_(lows[gi], highs[gi])
-                torch.addcmul(wcol, q, s, value=-1, out=err).mul_(inv_diag[i])  # (w − grid value) / Hinv[j, j]
-                if i + 1 < s1:  # the error onto the sub-block's later columns
-                    W1[i + 1 : s1].addr_(h_rows[i][i + 1 : s1], err, alpha=-1)
+                j = next((k for k in range(i + 1, s1) if starts_group[b0 + k]), s1)
+                round_columns(W1, views, scale_rows, lows, highs, block_groups, i, j, s1)
+                i = j
             W1[s1:].addmm_(Hinv1[pending:s1, s1:].T, Err1[pending:s1], alpha=-1)  # lazy update of the block's later columns
         Wt[b1:].addmm_(Hinv[b0:b1, b1:].T, Err1, alpha=-1)  # lazy batch update of all later columns
         err_energy += Err1.square().sum(0)
@@ -165,8 +177,7 @@ def _gptq(w, factor, bits, group_size, sym, mse_clip, act_order, block_size, hes
     # without another [rows, cols] x [cols, cols] product for the report.
     grid_t = Qt * scales[group_of_t]
     hessian_error = err_energy.sub_((W[:, perm].T - grid_t).square_().sum(0), alpha=damping).clamp_min_(0)
-    codes_t = Qt.add_(zeros[group_of_t]).to(torch.uint8)
-    codes = codes_t.T[:, torch.argsort(perm)].contiguous()
+    codes = Qt.add_(zeros[group_of_t]).to(torch.uint8).index_select(0, torch.argsort(perm)).T.contiguous()
     return IntQuantized(
         codes=codes,
         scales=scales.T.to(torch.float16).contiguous(),

@@ -38,6 +38,9 @@ CONFIGS = {
     "higgs-w4g128-d2-mse": ({"method": "higgs", "bits": 4, "group_size": 128, "options": {"dim": 2, "scale": "mse"}}, False),
     "higgs-w4g64-d2": ({"method": "higgs", "bits": 4, "group_size": 64, "options": {"dim": 2}}, False),
     "higgs-w4g64-d2-mse": ({"method": "higgs", "bits": 4, "group_size": 64, "options": {"dim": 2, "scale": "mse"}}, False),
+    # block-diagonal rotation (the reference implementation's hadamard_size): each 64 inputs rotated on their own
+    "higgs-w4g64-d2-h64": ({"method": "higgs", "bits": 4, "group_size": 64, "options": {"dim": 2, "hadamard_size": 64}}, False),
+    "higgs-w4g128-d2-h64": ({"method": "higgs", "bits": 4, "group_size": 128, "options": {"dim": 2, "hadamard_size": 64}}, False),
     "higgs-w3g128-d1": ({"method": "higgs", "bits": 3, "group_size": 128}, False),
     "higgs-w3g128-d2": ({"method": "higgs", "bits": 3, "group_size": 128, "options": {"dim": 2}}, False),
     "higgs-w2g128-d1": ({"method": "higgs", "bits": 2, "group_size": 128}, False),

@@ -119,6 +119,7 @@ QUANTIZERS = {
     "higgs3-d2": lambda w, H: higgs_quantize(w, 3, 64, dim=2),  # 6-bit codes straddle words
     "higgs2-d2": lambda w, H: higgs_quantize(w, 2, 128, dim=2),
     "higgs3-d2-norot": lambda w, H: higgs_quantize(w, 3, 64, dim=2, rotate=False),  # odd K: the last pair is half padding
+    "higgs4-d2-h60": lambda w, H: higgs_quantize(w, 4, 64, dim=2, hadamard_size=60),  # blocks of 60: 300 = 5·60
 }
 ROTATED = {name for name in QUANTIZERS if name.startswith("higgs") and "norot" not in name}
 
@@ -140,7 +141,7 @@ def hand_decode(q, k):
 @pytest.mark.parametrize("k", [300, 301])
 def test_packed_layer_round_trips_exactly(name, k):
     if name in ROTATED and k % 2:
-        pytest.skip("an odd size has no Hadamard matrix")
+        pytest.skip("an odd size has no Hadamard matrix")  # (nor do 301's divisors)
     w, H = toy_layer(k=k)
     q = QUANTIZERS[name](w, H)
     t, cfg = q.pack(), q.layer_config()
@@ -152,9 +153,11 @@ def test_packed_layer_round_trips_exactly(name, k):
     assert torch.equal(decode_rotated(t, cfg).double(), hand_decode(q, k))
     W = get_format("lut").dequantize(t, cfg)
     if q.signs is not None:  # the decoded weight is in the original basis: rotating it back gives the grid values
-        from llmq.rotation.hadamard import RandomizedHadamard
+        from llmq.rotation.hadamard import BlockHadamard, RandomizedHadamard
 
-        assert torch.allclose(RandomizedHadamard(q.signs).forward(W), decode_rotated(t, cfg), atol=1e-6)
+        V = BlockHadamard(q.signs, q.hadamard_block) if q.hadamard_block else RandomizedHadamard(q.signs)
+        assert torch.allclose(V.forward(W), decode_rotated(t, cfg), atol=1e-6)
+        assert ("lut_had_block" in cfg) == (q.hadamard_block is not None)
     rel = float(((W - w) ** 2).sum() / (w ** 2).sum())
     assert rel < {2: 0.3, 3: 0.1, 4: 0.05}[cfg["bits"]], rel  # sanity bounds (per-channel and unrotated cases are the worst)
     # bits per weight: codes, scales, table and signs, nothing left out
@@ -191,7 +194,8 @@ def test_higgs_beats_nf4_and_rtn_on_a_layer_with_outliers():
 
 # ---- kernels -----------------------------------------------------------------------------------------------------
 
-KERNEL_CASES = ["nf4-g64", "any4-g96", "higgs4-d1", "higgs3-d2", "higgs4-d2", "higgs2-d1-norot", "higgs3-d1-mse", "nf4-pc"]
+KERNEL_CASES = ["nf4-g64", "any4-g96", "higgs4-d1", "higgs3-d2", "higgs4-d2", "higgs2-d1-norot", "higgs3-d1-mse", "nf4-pc",
+                "higgs4-d2-h60"]
 
 
 @pytest.mark.parametrize("name", KERNEL_CASES)
@@ -261,6 +265,7 @@ def ids():
     ("any4", ["--group-size", "64"], {"group_size": 64}, True),
     ("higgs", ["--bits", "4", "--group-size", "64"], {"bits": 4, "group_size": 64}, False),
     ("higgs", ["--bits", "3"], {"bits": 3, "options": {"dim": 2}}, False),
+    ("higgs", [], {"bits": 4, "group_size": 32, "options": {"dim": 2, "hadamard_size": 32}}, False),
 ])
 def test_checkpoint_reloads_with_identical_logits(tiny_model, tmp_path, ids, method, args, recipe, calib):
     out = tmp_path / "q"
@@ -317,3 +322,20 @@ def test_lut_kernel_compiles_for_sm90_without_a_gpu():
     r = subprocess.run([sys.executable, "-m", "llmq.kernels.lut_triton"], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("ok sm_90 lut") == 5
+
+
+def test_block_hadamard_is_orthogonal_and_block_diagonal():
+    """HIGGS's block transform: orthogonal, inverse exact, and an input feature only mixes within its block."""
+    from llmq.rotation.hadamard import BlockHadamard, random_signs
+
+    V = BlockHadamard(random_signs(192, "t"), 64)
+    M = V.matrix()
+    torch.testing.assert_close(M @ M.T, torch.eye(192, dtype=torch.float64), rtol=0, atol=1e-12)
+    x = torch.randn(3, 192, dtype=torch.float64)
+    torch.testing.assert_close(V.forward(x), x @ M.T, rtol=0, atol=1e-12)
+    torch.testing.assert_close(V.inverse(V.forward(x)), x, rtol=0, atol=1e-12)
+    e = torch.zeros(192, dtype=torch.float64)
+    e[70] = 1
+    assert V.forward(e)[:64].abs().max() == 0 and V.forward(e)[128:].abs().max() == 0 and V.forward(e)[64:128].abs().min() > 0
+    with pytest.raises(Exception, match="hadamard_size"):
+        higgs_quantize(torch.randn(4, 192), 4, 64, hadamard_size=80)

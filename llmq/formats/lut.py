@@ -10,7 +10,9 @@ the Gaussian grid) or one per output row ("table": "row", [N, T], d = 1: any4's 
 Optionally (HIGGS) the layer was quantized after a randomized Hadamard rotation of its input dimension,
 W̃ = W Vᵀ with V = T·diag(s) (llmq.rotation.hadamard: the same transforms as `--rotate hadamard`, input side
 only, as in HIGGS): then y = W̃ (V x), and the decoded weight in the original basis is W = W̃ V (each row
-transformed back, V.inverse). The sign vector s is stored; the transform size [m, 2^k] is in the config.
+transformed back, V.inverse). The sign vector s is stored; the transform size [m, 2^k] is in the config
+("lut_had"), and "lut_had_block" = b when V is block-diagonal (every b consecutive inputs rotated on their own,
+HIGGS's hadamard_size).
 
 Per linear layer `p`:
     p.qweight    int32 [N, ceil(ceil(K/d)·b_c/32)]   codes of b_c = bits·d bits, dense bit-packed (packing.py)
@@ -45,6 +47,7 @@ class LutQuantized:
     in_features: int
     grid: str  # nf4 | any4 | higgs (informational)
     signs: torch.Tensor | None = None  # ±1 [K]: the input rotation's signs (HIGGS)
+    hadamard_block: int | None = None  # rotation in independent blocks of this many inputs (None: the whole row)
     table_kind: str = "shared"  # shared [T, d] | row [N, T]
 
     def layer_config(self) -> dict:
@@ -54,7 +57,9 @@ class LutQuantized:
                "group_size": self.group_size, "sym": True, "in_features": self.in_features,
                "out_features": self.codes.shape[0]}
         if self.signs is not None:
-            cfg["lut_had"] = list(factor(self.in_features))
+            cfg["lut_had"] = list(factor(self.hadamard_block or self.in_features))
+            if self.hadamard_block:
+                cfg["lut_had_block"] = self.hadamard_block
         return cfg
 
     def pack(self) -> dict[str, torch.Tensor]:
@@ -88,10 +93,11 @@ def input_rotation(t: dict[str, torch.Tensor], cfg: dict):
     """The layer's input rotation V (a RandomizedHadamard), or None."""
     if "lut_had" not in cfg:
         return None
-    from ..rotation.hadamard import RandomizedHadamard
+    from ..rotation.hadamard import BlockHadamard, RandomizedHadamard
     from ..rotation.incoherence import unpack_signs
 
-    rh = RandomizedHadamard(unpack_signs(t["lut_signs"], cfg["in_features"]))
+    signs = unpack_signs(t["lut_signs"], cfg["in_features"])
+    rh = BlockHadamard(signs, cfg["lut_had_block"]) if cfg.get("lut_had_block") else RandomizedHadamard(signs)
     if [rh.m, rh.p] != list(cfg["lut_had"]):
         raise ValueError(f"layer stores a Hadamard transform {cfg['lut_had']} but this llmq builds {[rh.m, rh.p]}")
     return rh

@@ -15,7 +15,9 @@ At inference the layer computes W̃ (V x): the stored signs give V (format "lut"
 data is used (works with `--calib none`; a Hessian, if given, is ignored). Options (recipe `options:`):
 `dim` 1 or 2 (default 1), `rotate` (default true; false quantizes the unrotated weights, for ablations),
 `scale` (rms: the group's RMS, as the paper; mse: then refined by alternating least squares, a few
-percent lower error), `seed` (the signs' seed, default 0; the signs depend on the input size and seed, so layers reading the same
+percent lower error), `hadamard_size` (rotate each run of that many inputs on its own — the reference
+implementation's block-diagonal transform, default there 1024 — instead of the whole row; it must divide
+the layer's inputs), `seed` (the signs' seed, default 0; the signs depend on the input size and seed, so layers reading the same
 input share them). `--rotate hadamard` on top adds QuIP#'s two-sided rotation, which composes correctly.
 """
 
@@ -70,17 +72,22 @@ def mse_scales(w: torch.Tensor, grid: torch.Tensor, scale: torch.Tensor, group_s
 
 
 def higgs_quantize(w: torch.Tensor, bits: int = 4, group_size: int = 128, dim: int = 1, rotate: bool = True,
-                   seed: int = 0, scale: str = "rms", scale_iters: int = 4) -> LutQuantized:
+                   seed: int = 0, scale: str = "rms", scale_iters: int = 4, hadamard_size: int | None = None) -> LutQuantized:
     from ..errors import InputError
-    from ..rotation.hadamard import RandomizedHadamard
+    from ..rotation.hadamard import BlockHadamard, RandomizedHadamard
 
     if bits not in HIGGS_BITS:
         raise InputError(f"higgs: bits must be one of {HIGGS_BITS}, got {bits}")
     w = w.to(torch.float32)
     k = w.shape[1]
+    if hadamard_size == k:
+        hadamard_size = None  # one block is the whole row
+    if hadamard_size is not None and k % hadamard_size:
+        raise InputError(f"higgs: hadamard_size {hadamard_size} does not divide the layer's {k} inputs")
     signs = higgs_signs(k, seed) if rotate else None
     if signs is not None:
-        w = RandomizedHadamard(signs).forward(w)  # every row: V w
+        rh = BlockHadamard(signs, hadamard_size) if hadamard_size else RandomizedHadamard(signs)
+        w = rh.forward(w)  # every row: V w
     grid = gaussian_grid(bits, dim).half().float()  # encode against the stored (fp16) points
     s = group_reduce(w, group_size, "rms")
     if scale == "mse":
@@ -88,7 +95,7 @@ def higgs_quantize(w: torch.Tensor, bits: int = 4, group_size: int = 128, dim: i
     scale = fp16_scale(s)
     codes = grid_codes(w / expand(scale, k, group_size), grid)
     return LutQuantized(codes=codes, scales=scale.half(), table=grid.half(), bits=bits, dim=dim, group_size=group_size,
-                        in_features=k, grid="higgs", signs=signs)
+                        in_features=k, grid="higgs", signs=signs, hadamard_block=hadamard_size if signs is not None else None)
 
 
 class HIGGS:
@@ -98,7 +105,8 @@ class HIGGS:
     @staticmethod
     def check_options(options: dict, where: str) -> None:
         check_options(options, where, {"dim": (lambda v: v in (1, 2), "1 or 2"), "rotate": FLAG, "seed": integer(0, 2**31 - 1),
-                                       "scale": (lambda v: v in ("rms", "mse"), "rms or mse")})
+                                       "scale": (lambda v: v in ("rms", "mse"), "rms or mse"),
+                                       "hadamard_size": integer(2, 1 << 20)})
 
     @staticmethod
     def check_spec(spec, where: str) -> None:
@@ -112,4 +120,5 @@ class HIGGS:
     def quantize(self, weight: torch.Tensor, spec, hessian=None) -> LutQuantized:
         o = spec.options
         return higgs_quantize(weight, spec.bits, spec.group_size, dim=int(o.get("dim", 1)), rotate=bool(o.get("rotate", True)),
-                              seed=int(o.get("seed") or 0), scale=str(o.get("scale", "rms")))
+                              seed=int(o.get("seed") or 0), scale=str(o.get("scale", "rms")),
+                              hadamard_size=int(o["hadamard_size"]) if o.get("hadamard_size") else None)

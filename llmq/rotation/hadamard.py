@@ -239,3 +239,32 @@ class RandomizedHadamard:
     def matrix(self) -> torch.Tensor:
         """U as a dense float64 matrix (tests)."""
         return dense_hadamard(self.n) * self.signs.to(torch.float64)
+
+
+class BlockHadamard:
+    """Block-diagonal randomized Hadamard: each run of `block` consecutive features is rotated on its own,
+    U = diag(T_b, …, T_b)·diag(s) (HIGGS's `hadamard_size`: an outlier is spread over its block only).
+    Same interface as RandomizedHadamard; `signs` has one sign per feature."""
+
+    def __init__(self, signs: torch.Tensor, block: int):
+        if block < 1 or signs.numel() % block:
+            raise ValueError(f"a Hadamard block of {block} does not divide {signs.numel()} features")
+        self.n, self.block = signs.numel(), block
+        self.signs = signs.to(torch.float32)
+        self.inner = RandomizedHadamard(torch.ones(block))
+        self.m, self.p = self.inner.m, self.inner.p
+
+    def _blocks(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(*x.shape[:-1], self.n // self.block, self.block)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.signs.to(device=x.device, dtype=x.dtype)  # ±1: exact in any dtype
+        return self.inner.forward(self._blocks(x * s)).reshape(x.shape)
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        s = self.signs.to(device=y.device, dtype=y.dtype)
+        return self.inner.inverse(self._blocks(y)).reshape(y.shape) * s
+
+    def matrix(self) -> torch.Tensor:
+        """U as a dense float64 matrix (tests)."""
+        return torch.block_diag(*[dense_hadamard(self.block)] * (self.n // self.block)) * self.signs.to(torch.float64)

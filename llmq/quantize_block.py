@@ -169,8 +169,9 @@ def quantize_block(block: nn.Module, prefix: str, adapter: DecoderAdapter, recip
 
     def quantize_group(names: list[str], H: torch.Tensor | None, dense: bool = False) -> dict:
         """Quantize layers that read the same input; returns {name: quantized stand-in module} (None for a
-        layer the recipe keeps), computing with its decoded weight if `dense` (blocks.dense_forward). Layers with one spec and a method that quantizes rows independently given
-        H (GPTQ) are quantized as one stacked matrix: one column loop instead of one per layer, same result."""
+        layer the recipe keeps), computing with its decoded weight if `dense` (blocks.dense_forward). Layers
+        with one spec and a method that quantizes rows independently given H (GPTQ) are quantized as one
+        stacked matrix: one column loop instead of one per layer, same result."""
         t0 = time.perf_counter()
         prepared = {n: prepare(n, H) for n in names}
         todo = [n for n in names if prepared[n] is not None]

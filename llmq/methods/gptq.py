@@ -66,7 +66,7 @@ _FACTOR_CACHE: dict = {}
 SUB_BLOCK = 32
 
 
-def _factor(H: torch.Tensor, act_order: bool, damp: float, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _factor(H: torch.Tensor, act_order: bool, damp: float, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """(dead columns, column order, upper Cholesky factor of the damped inverse Hessian in that order, damping λ).
     Layers that read the same input share one H object (q/k/v, gate/up): they share this factorisation."""
     key = (id(H), H._version, act_order, damp, dtype)

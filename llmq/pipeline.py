@@ -132,8 +132,9 @@ def run_quantize(job: QuantizeJob, log=print, progress=None) -> dict:
         raise InputError(f"output folder already exists: {job.out} (pass --overwrite to replace it)")
     if job.dtype != "auto" and job.dtype not in DTYPES:
         raise InputError(f"--dtype must be auto, fp16, bf16 or fp32, got {job.dtype!r}")
-    calib_batch_size(job.batch_size, job.calib.seqlen)  # a bad --batch-size fails before any work
-    job = dataclasses.replace(job, calib=job.calib.resolved())  # the fingerprint and metadata name the real dtype
+    # `auto` settings resolved once (a bad --batch-size fails here, before any work); the fingerprint and
+    # metadata name the real calibration dtype
+    job = dataclasses.replace(job, calib=job.calib.resolved(), batch_size=calib_batch_size(job.batch_size, job.calib.seqlen))
     keep_freed_memory_mapped()
     source = ModelSource(job.model)
     adapter = adapter_for(source.config)
@@ -188,7 +189,6 @@ def _quantize_blocks(job, source, adapter, factory, recipe, ids, work, out_dtype
     del embed
     release_memory()
     pos_emb = factory.position_embeddings(job.calib.seqlen, cdtype) if ids is not None else None
-    batch_size = calib_batch_size(job.batch_size, job.calib.seqlen)
     all_layers, rows = {}, []
     kill_after = int(os.environ.get("LLMQ_DEBUG_KILL_AFTER_BLOCK", "-1"))  # test hook: simulate a crash
 
@@ -206,7 +206,7 @@ def _quantize_blocks(job, source, adapter, factory, recipe, ids, work, out_dtype
             del state
             if hasattr(tensors_src, "release"):
                 tensors_src.release(prefix)
-            calib = Calibration(hidden, pos_emb, batch_size) if hidden is not None else None
+            calib = Calibration(hidden, pos_emb, job.batch_size) if hidden is not None else None
             tensors, layer_cfgs, block_rows = quantize_block(block, prefix, adapter, recipe, out_dtype, calib)
             staged_out = calib.output if calib is not None else None
             del block, calib
@@ -216,7 +216,7 @@ def _quantize_blocks(job, source, adapter, factory, recipe, ids, work, out_dtype
             hidden = staged_out
         elif hidden is not None:
             qblock = cast_dense_params(install_quantized(factory.meta_block(i), prefix, tensors, layer_cfgs), cdtype)
-            hidden = forward_block(qblock, hidden, pos_emb, batch_size)
+            hidden = forward_block(qblock, hidden, pos_emb, job.batch_size)
             del qblock
         del tensors
         release_memory()

@@ -153,9 +153,9 @@ def test_packed_layer_round_trips_exactly(name, k):
     assert torch.equal(decode_rotated(t, cfg).double(), hand_decode(q, k))
     W = get_format("lut").dequantize(t, cfg)
     if q.signs is not None:  # the decoded weight is in the original basis: rotating it back gives the grid values
-        from llmq.rotation.hadamard import BlockHadamard, RandomizedHadamard
+        from llmq.rotation.hadamard import input_hadamard
 
-        V = BlockHadamard(q.signs, q.hadamard_block) if q.hadamard_block else RandomizedHadamard(q.signs)
+        V = input_hadamard(q.signs, q.hadamard_block)
         assert torch.allclose(V.forward(W), decode_rotated(t, cfg), atol=1e-6)
         assert ("lut_had_block" in cfg) == (q.hadamard_block is not None)
     rel = float(((W - w) ** 2).sum() / (w ** 2).sum())

@@ -93,11 +93,10 @@ def input_rotation(t: dict[str, torch.Tensor], cfg: dict):
     """The layer's input rotation V (a RandomizedHadamard), or None."""
     if "lut_had" not in cfg:
         return None
-    from ..rotation.hadamard import BlockHadamard, RandomizedHadamard
+    from ..rotation.hadamard import input_hadamard
     from ..rotation.incoherence import unpack_signs
 
-    signs = unpack_signs(t["lut_signs"], cfg["in_features"])
-    rh = BlockHadamard(signs, cfg["lut_had_block"]) if cfg.get("lut_had_block") else RandomizedHadamard(signs)
+    rh = input_hadamard(unpack_signs(t["lut_signs"], cfg["in_features"]), cfg.get("lut_had_block"))
     if [rh.m, rh.p] != list(cfg["lut_had"]):
         raise ValueError(f"layer stores a Hadamard transform {cfg['lut_had']} but this llmq builds {[rh.m, rh.p]}")
     return rh

@@ -74,7 +74,7 @@ def mse_scales(w: torch.Tensor, grid: torch.Tensor, scale: torch.Tensor, group_s
 def higgs_quantize(w: torch.Tensor, bits: int = 4, group_size: int = 128, dim: int = 1, rotate: bool = True,
                    seed: int = 0, scale: str = "rms", scale_iters: int = 4, hadamard_size: int | None = None) -> LutQuantized:
     from ..errors import InputError
-    from ..rotation.hadamard import BlockHadamard, RandomizedHadamard
+    from ..rotation.hadamard import input_hadamard
 
     if bits not in HIGGS_BITS:
         raise InputError(f"higgs: bits must be one of {HIGGS_BITS}, got {bits}")
@@ -86,8 +86,7 @@ def higgs_quantize(w: torch.Tensor, bits: int = 4, group_size: int = 128, dim: i
         raise InputError(f"higgs: hadamard_size {hadamard_size} does not divide the layer's {k} inputs")
     signs = higgs_signs(k, seed) if rotate else None
     if signs is not None:
-        rh = BlockHadamard(signs, hadamard_size) if hadamard_size else RandomizedHadamard(signs)
-        w = rh.forward(w)  # every row: V w
+        w = input_hadamard(signs, hadamard_size).forward(w)  # every row: V w
     grid = gaussian_grid(bits, dim).half().float()  # encode against the stored (fp16) points
     s = group_reduce(w, group_size, "rms")
     if scale == "mse":

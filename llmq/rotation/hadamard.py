@@ -268,3 +268,8 @@ class BlockHadamard:
     def matrix(self) -> torch.Tensor:
         """U as a dense float64 matrix (tests)."""
         return torch.block_diag(*[dense_hadamard(self.block)] * (self.n // self.block)) * self.signs.to(torch.float64)
+
+
+def input_hadamard(signs: torch.Tensor, block: int | None = None):
+    """The randomized Hadamard over all features (block None) or, block-diagonal, over runs of `block` features."""
+    return BlockHadamard(signs, block) if block else RandomizedHadamard(signs)

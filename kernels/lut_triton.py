@@ -76,12 +76,14 @@ def _lut_kernel(x_ptr, qw_ptr, sc_ptr, tb_ptr, out_ptr, M, N, K, stride_xm, stri
 
 def lut_matmul_triton(x: torch.Tensor, t: dict[str, torch.Tensor], cfg: dict, bias: torch.Tensor | None = None,
                       block_n: int = 64, block_k: int = 64) -> torch.Tensor:
-    """x [..., K] (fp16/bf16/fp32) @ Wᵀ -> [..., N] in x.dtype for a "lut" layer (input rotation included)."""
+    """x [..., K] (fp16/bf16/fp32) @ Wᵀ -> [..., N] in x.dtype for a "lut" layer (input scale and rotation included)."""
     from llmq.formats.lut import input_rotation
 
     k, n, d = cfg["in_features"], cfg["out_features"], cfg["dim"]
     if x.shape[-1] != k:
         raise ValueError(f"input has {x.shape[-1]} features, layer expects {k}")
+    if cfg.get("lut_input_scale"):
+        x = x * t["lut_input_scale"].to(x.dtype)  # c ⊙ x (HIGGS column_scale)
     rh = input_rotation(t, cfg)
     if rh is not None:
         x = rh.forward(x)  # V x (the fused Hadamard kernel on CUDA)

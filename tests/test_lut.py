@@ -120,6 +120,8 @@ QUANTIZERS = {
     "higgs2-d2": lambda w, H: higgs_quantize(w, 2, 128, dim=2),
     "higgs3-d2-norot": lambda w, H: higgs_quantize(w, 3, 64, dim=2, rotate=False),  # odd K: the last pair is half padding
     "higgs4-d2-h60": lambda w, H: higgs_quantize(w, 4, 64, dim=2, hadamard_size=60),  # blocks of 60: 300 = 5·60
+    "higgs4-d2-cs": lambda w, H: higgs_quantize(w, 4, 64, dim=2, column_scale=True),
+    "higgs3-d1-cs-norot": lambda w, H: higgs_quantize(w, 3, 64, rotate=False, column_scale=True),
 }
 ROTATED = {name for name in QUANTIZERS if name.startswith("higgs") and "norot" not in name}
 
@@ -152,11 +154,15 @@ def test_packed_layer_round_trips_exactly(name, k):
     assert torch.equal(unpack_bits(t["qweight"], cb, q.codes.shape[1]).long(), q.codes.long())  # codes round trip
     assert torch.equal(decode_rotated(t, cfg).double(), hand_decode(q, k))
     W = get_format("lut").dequantize(t, cfg)
+    assert ("lut_input_scale" in cfg) == (q.input_scale is not None)
+    c = q.input_scale.float() if q.input_scale is not None else torch.ones(k)
     if q.signs is not None:  # the decoded weight is in the original basis: rotating it back gives the grid values
         from llmq.rotation.hadamard import input_hadamard
 
         V = input_hadamard(q.signs, q.hadamard_block)
-        assert torch.allclose(V.forward(W), decode_rotated(t, cfg), atol=1e-6)
+        assert torch.allclose(V.forward(W / c), decode_rotated(t, cfg), atol=1e-6)
+    else:
+        assert torch.allclose(W, decode_rotated(t, cfg) * c, atol=0, rtol=1e-6)
         assert ("lut_had_block" in cfg) == (q.hadamard_block is not None)
     rel = float(((W - w) ** 2).sum() / (w ** 2).sum())
     assert rel < {2: 0.3, 3: 0.1, 4: 0.05}[cfg["bits"]], rel  # sanity bounds (per-channel and unrotated cases are the worst)
@@ -167,6 +173,7 @@ def test_packed_layer_round_trips_exactly(name, k):
     expect = n * (-(-(-(-k // cfg["dim"])) * cb // 32)) * 32 + 16 * n * G
     expect += 16 * (n * T if cfg["table"] == "row" else T * cfg["dim"])
     expect += 32 * (-(-k // 32)) if q.signs is not None else 0
+    expect += 16 * k if q.input_scale is not None else 0
     assert packed_bits_per_weight(t, cfg) == pytest.approx(expect / (n * k))
 
 
@@ -192,10 +199,30 @@ def test_higgs_beats_nf4_and_rtn_on_a_layer_with_outliers():
     assert err(higgs_quantize(w, 4, 128, rotate=False)) > 2 * e_h  # the rotation is what tames the outliers
 
 
+def test_higgs_column_scale_gives_each_column_an_error_in_proportion_to_its_size():
+    """A layer whose few input columns hold tiny weights (as the columns that read a model's massive-activation
+    channels do): the plain rotation gives them the same absolute error as every other column, so their relative
+    error is huge; with column_scale their relative error is like everyone else's, at the same total error."""
+    w, _ = toy_layer(n=64, k=512, seed=5)
+    small = torch.tensor([3, 100, 301])
+    w[:, small] *= 1e-3
+    def col_rel(q):
+        e = (q.dequantize() - w).square().sum(0) / w.square().sum(0)
+        return e[small].mean().item(), e[torch.ones(512, dtype=torch.bool).index_fill_(0, small, False)].mean().item()
+    plain, scaled = higgs_quantize(w, 4, 64, dim=2), higgs_quantize(w, 4, 64, dim=2, column_scale=True)
+    (p_small, p_rest), (s_small, s_rest) = col_rel(plain), col_rel(scaled)
+    assert p_small > 1000 * p_rest  # the tiny columns are swamped by the spread error
+    assert s_small < 3 * s_rest and s_rest < 2 * p_rest  # same relative error everywhere, little cost elsewhere
+    total = lambda q: float(((q.dequantize() - w) ** 2).sum() / (w ** 2).sum())  # noqa: E731
+    assert total(scaled) < 1.5 * total(plain)
+    z = w.clone(); z[:, 7] = 0  # noqa: E702  an all-zero column stays exactly zero
+    assert torch.equal(higgs_quantize(z, 4, 64, column_scale=True).dequantize()[:, 7], torch.zeros(64))
+
+
 # ---- kernels -----------------------------------------------------------------------------------------------------
 
 KERNEL_CASES = ["nf4-g64", "any4-g96", "higgs4-d1", "higgs3-d2", "higgs4-d2", "higgs2-d1-norot", "higgs3-d1-mse", "nf4-pc",
-                "higgs4-d2-h60"]
+                "higgs4-d2-h60", "higgs4-d2-cs", "higgs3-d1-cs-norot"]
 
 
 @pytest.mark.parametrize("name", KERNEL_CASES)
@@ -266,6 +293,7 @@ def ids():
     ("higgs", ["--bits", "4", "--group-size", "64"], {"bits": 4, "group_size": 64}, False),
     ("higgs", ["--bits", "3"], {"bits": 3, "options": {"dim": 2}}, False),
     ("higgs", [], {"bits": 4, "group_size": 32, "options": {"dim": 2, "hadamard_size": 32}}, False),
+    ("higgs", [], {"bits": 4, "group_size": 64, "options": {"dim": 2, "column_scale": True}}, False),
 ])
 def test_checkpoint_reloads_with_identical_logits(tiny_model, tmp_path, ids, method, args, recipe, calib):
     out = tmp_path / "q"
@@ -295,6 +323,7 @@ def test_checkpoint_reloads_with_identical_logits(tiny_model, tmp_path, ids, met
     stored = sum(v.numel() * v.element_size() for k, v in t.items() if k.startswith(name + ".") and not k.endswith(".bias"))
     assert row["bytes"] == stored and row["bpw"] == 8 * stored / (160 * 96)
     assert f"{name}.table" in t and (f"{name}.lut_signs" in t) == (method == "higgs")
+    assert (f"{name}.lut_input_scale" in t) == bool(recipe.get("options", {}).get("column_scale"))
 
 
 def test_bad_input_is_a_one_line_error(tiny_model, tmp_path):

@@ -14,11 +14,16 @@ transformed back, V.inverse). The sign vector s is stored; the transform size [m
 ("lut_had"), and "lut_had_block" = b when V is block-diagonal (every b consecutive inputs rotated on their own,
 HIGGS's hadamard_size).
 
+Optionally (HIGGS `column_scale`) the layer was also divided column by column before the rotation: W = A·diag(c)
+with A = W diag(c)⁻¹ quantized (then rotated, as above). Then y = W̃ (V (c ⊙ x)) and the decoded weight is
+(W̃ V)·diag(c); the input scale c (fp16, one per input feature) is stored.
+
 Per linear layer `p`:
     p.qweight    int32 [N, ceil(ceil(K/d)·b_c/32)]   codes of b_c = bits·d bits, dense bit-packed (packing.py)
     p.scales     fp16  [N, n_groups]
     p.table      fp16  [T, d] (shared) or [N, T] (row), T = 2^b_c
     p.lut_signs  int32 [ceil(K/32)]                  rotated layers only: the signs, one bit each
+    p.lut_input_scale fp16 [K]                       column-scaled layers only: c
 Every one of these counts in the bits per weight (`llmq inspect` sums the stored bytes).
 """
 
@@ -49,6 +54,7 @@ class LutQuantized:
     signs: torch.Tensor | None = None  # ±1 [K]: the input rotation's signs (HIGGS)
     hadamard_block: int | None = None  # rotation in independent blocks of this many inputs (None: the whole row)
     table_kind: str = "shared"  # shared [T, d] | row [N, T]
+    input_scale: torch.Tensor | None = None  # fp16 [K]: W = (W̃ V)·diag(c) (HIGGS column_scale)
 
     def layer_config(self) -> dict:
         from ..rotation.hadamard import factor
@@ -60,6 +66,8 @@ class LutQuantized:
             cfg["lut_had"] = list(factor(self.hadamard_block or self.in_features))
             if self.hadamard_block:
                 cfg["lut_had_block"] = self.hadamard_block
+        if self.input_scale is not None:
+            cfg["lut_input_scale"] = True
         return cfg
 
     def pack(self) -> dict[str, torch.Tensor]:
@@ -70,6 +78,8 @@ class LutQuantized:
             from ..rotation.incoherence import pack_signs
 
             t["lut_signs"] = pack_signs(self.signs)
+        if self.input_scale is not None:
+            t["lut_input_scale"] = self.input_scale.to(torch.float16).contiguous()
         return t
 
     def dequantize(self) -> torch.Tensor:
@@ -115,6 +125,8 @@ class LutFormat:
                  "table": ((out, T) if cfg["table"] == "row" else (T, d), torch.float16)}
         if "lut_had" in cfg:
             specs["lut_signs"] = ((packed_words(inp, 1),), torch.int32)
+        if cfg.get("lut_input_scale"):
+            specs["lut_input_scale"] = ((inp,), torch.float16)
         return specs
 
     @staticmethod
@@ -122,4 +134,8 @@ class LutFormat:
         """Packed tensors -> fp32 weight [N, K] in the layer's original basis (y = x Wᵀ)."""
         w = decode_rotated(t, cfg)
         rh = input_rotation(t, cfg)
-        return w if rh is None else rh.inverse(w)
+        if rh is not None:
+            w = rh.inverse(w)
+        if cfg.get("lut_input_scale"):
+            w = w.mul_(t["lut_input_scale"].to(torch.float32))
+        return w

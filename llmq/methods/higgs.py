@@ -17,8 +17,18 @@ data is used (works with `--calib none`; a Hessian, if given, is ignored). Optio
 `scale` (rms: the group's RMS, as the paper; mse: then refined by alternating least squares, a few
 percent lower error), `hadamard_size` (rotate each run of that many inputs on its own — the reference
 implementation's block-diagonal transform, default there 1024 — instead of the whole row; it must divide
-the layer's inputs), `seed` (the signs' seed, default 0; the signs depend on the input size and seed, so layers reading the same
+the layer's inputs), `column_scale` (see below), `seed` (the signs' seed, default 0; the signs depend on the input size and seed, so layers reading the same
 input share them). `--rotate hadamard` on top adds QuIP#'s two-sided rotation, which composes correctly.
+
+`column_scale: true` (an llmq extension, not in the paper; still data-free): before the rotation divide each
+input column by its RMS over the rows (relative to the matrix's RMS), W = A·diag(c), quantize A, store c (fp16,
+K values, counted in the bits per weight; at inference y = W̃ (V (c ⊙ x))). The rotation spreads A's rounding
+error evenly over its columns, so each column of W gets an error in proportion to its own size, as an unrotated
+per-group grid does, while the weights A that are rounded stay Gaussian after the rotation. Why it matters: a
+model's massive-activation input channels (the attention sink's, up to ~2,000x the median variance on SmolLM2)
+are read through weights the model has made tiny (on SmolLM2 the v_proj columns with the smallest norms are
+exactly those channels). A plain rotation gives those tiny weights the same absolute error as every other, and
+the sink token's huge activation multiplies it. The column norms, not data, find them.
 """
 
 from __future__ import annotations
@@ -71,8 +81,19 @@ def mse_scales(w: torch.Tensor, grid: torch.Tensor, scale: torch.Tensor, group_s
     return scale
 
 
+def column_scales(w: torch.Tensor) -> torch.Tensor:
+    """c [K] (fp16 values): each input column's RMS over the rows, relative to the whole matrix's RMS. Quantizing
+    A = W diag(c)⁻¹ instead of W gives every column the same error relative to its own size (A's columns all have
+    the same norm; after the rotation A's error is spread evenly over its columns, and diag(c) scales column j's share
+    back by c_j). An all-zero column gets c = 0 and decodes to exactly zero."""
+    rms = w.square().mean(0).sqrt()
+    c = rms / w.square().mean().sqrt().clamp_min(1e-30)
+    return torch.where(rms > 0, c.clamp(2.0**-14, 65504.0), torch.zeros_like(c)).half()
+
+
 def higgs_quantize(w: torch.Tensor, bits: int = 4, group_size: int = 128, dim: int = 1, rotate: bool = True,
-                   seed: int = 0, scale: str = "rms", scale_iters: int = 4, hadamard_size: int | None = None) -> LutQuantized:
+                   seed: int = 0, scale: str = "rms", scale_iters: int = 4, hadamard_size: int | None = None,
+                   column_scale: bool = False) -> LutQuantized:
     from ..errors import InputError
     from ..rotation.hadamard import input_hadamard
 
@@ -84,6 +105,9 @@ def higgs_quantize(w: torch.Tensor, bits: int = 4, group_size: int = 128, dim: i
         hadamard_size = None  # one block is the whole row
     if hadamard_size is not None and k % hadamard_size:
         raise InputError(f"higgs: hadamard_size {hadamard_size} does not divide the layer's {k} inputs")
+    c = column_scales(w) if column_scale else None
+    if c is not None:  # A = W diag(c)⁻¹ (a zero column has c = 0 and stays zero)
+        w = w / torch.where(c > 0, c.float(), torch.ones((), dtype=torch.float32))
     signs = higgs_signs(k, seed) if rotate else None
     if signs is not None:
         w = input_hadamard(signs, hadamard_size).forward(w)  # every row: V w
@@ -94,7 +118,8 @@ def higgs_quantize(w: torch.Tensor, bits: int = 4, group_size: int = 128, dim: i
     scale = fp16_scale(s)
     codes = grid_codes(w / expand(scale, k, group_size), grid)
     return LutQuantized(codes=codes, scales=scale.half(), table=grid.half(), bits=bits, dim=dim, group_size=group_size,
-                        in_features=k, grid="higgs", signs=signs, hadamard_block=hadamard_size if signs is not None else None)
+                        in_features=k, grid="higgs", signs=signs, hadamard_block=hadamard_size if signs is not None else None,
+                        input_scale=c)
 
 
 class HIGGS:
@@ -105,7 +130,7 @@ class HIGGS:
     def check_options(options: dict, where: str) -> None:
         check_options(options, where, {"dim": (lambda v: v in (1, 2), "1 or 2"), "rotate": FLAG, "seed": integer(0, 2**31 - 1),
                                        "scale": (lambda v: v in ("rms", "mse"), "rms or mse"),
-                                       "hadamard_size": integer(2, 1 << 20)})
+                                       "hadamard_size": integer(2, 1 << 20), "column_scale": FLAG})
 
     @staticmethod
     def check_spec(spec, where: str) -> None:
@@ -120,4 +145,5 @@ class HIGGS:
         o = spec.options
         return higgs_quantize(weight, spec.bits, spec.group_size, dim=int(o.get("dim", 1)), rotate=bool(o.get("rotate", True)),
                               seed=int(o.get("seed") or 0), scale=str(o.get("scale", "rms")),
-                              hadamard_size=int(o["hadamard_size"]) if o.get("hadamard_size") else None)
+                              hadamard_size=int(o["hadamard_size"]) if o.get("hadamard_size") else None,
+                              column_scale=bool(o.get("column_scale", False)))

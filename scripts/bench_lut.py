@@ -41,6 +41,13 @@ CONFIGS = {
     # block-diagonal rotation (the reference implementation's hadamard_size): each 64 inputs rotated on their own
     "higgs-w4g64-d2-h64": ({"method": "higgs", "bits": 4, "group_size": 64, "options": {"dim": 2, "hadamard_size": 64}}, False),
     "higgs-w4g128-d2-h64": ({"method": "higgs", "bits": 4, "group_size": 128, "options": {"dim": 2, "hadamard_size": 64}}, False),
+    # column_scale (llmq extension, data-free): each input column divided by its RMS before the rotation, stored
+    "higgs-w4g128-d2-cs": ({"method": "higgs", "bits": 4, "group_size": 128, "options": {"dim": 2, "column_scale": True}}, False),
+    "higgs-w4g128-d2-mse-cs": ({"method": "higgs", "bits": 4, "group_size": 128,
+                                "options": {"dim": 2, "scale": "mse", "column_scale": True}}, False),
+    "higgs-w4g64-d2-cs": ({"method": "higgs", "bits": 4, "group_size": 64, "options": {"dim": 2, "column_scale": True}}, False),
+    "higgs-w4g64-d2-mse-cs": ({"method": "higgs", "bits": 4, "group_size": 64,
+                               "options": {"dim": 2, "scale": "mse", "column_scale": True}}, False),
     "higgs-w3g128-d1": ({"method": "higgs", "bits": 3, "group_size": 128}, False),
     "higgs-w3g128-d2": ({"method": "higgs", "bits": 3, "group_size": 128, "options": {"dim": 2}}, False),
     "higgs-w2g128-d1": ({"method": "higgs", "bits": 2, "group_size": 128}, False),

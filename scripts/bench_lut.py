@@ -182,7 +182,7 @@ def write_md(results: dict, path: Path) -> None:
              f"WikiText-2 raw test, GPTQ protocol, ctx 2048, first **{pr['limit']}** windows ({fp.get('tokens', '?')} tokens scored), "
              f"fp32. fp model: **{fp.get('ppl', float('nan')):.3f}**. Every run but any4 is data-free (`--calib none`); any4 is "
              f"calibrated on C4, {pr['nsamples']} windows × {pr['seqlen']} tokens, seed 0. lm_head and embeddings kept unquantized. "
-             "bits/weight = all stored bytes of the quantized layers (codes, fp16 scales, tables, sign vectors) × 8 / weights; "
+             "bits/weight = all stored bytes of the quantized layers (codes, fp16 scales, tables, sign vectors, input scales) × 8 / weights; "
              "checkpoint MB = every file of the output folder (the unquantized embeddings dominate: 49152 × 576 in fp32). "
              f"`python scripts/bench_lut.py --limit {pr['limit']} --nsamples {pr['nsamples']} --seqlen {pr['seqlen']} "
              f"--threads N` (speed only).", "",

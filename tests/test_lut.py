@@ -161,9 +161,9 @@ def test_packed_layer_round_trips_exactly(name, k):
 
         V = input_hadamard(q.signs, q.hadamard_block)
         assert torch.allclose(V.forward(W / c), decode_rotated(t, cfg), atol=1e-6)
+        assert ("lut_had_block" in cfg) == (q.hadamard_block is not None)
     else:
         assert torch.allclose(W, decode_rotated(t, cfg) * c, atol=0, rtol=1e-6)
-        assert ("lut_had_block" in cfg) == (q.hadamard_block is not None)
     rel = float(((W - w) ** 2).sum() / (w ** 2).sum())
     assert rel < {2: 0.3, 3: 0.1, 4: 0.05}[cfg["bits"]], rel  # sanity bounds (per-channel and unrotated cases are the worst)
     # bits per weight: codes, scales, table and signs, nothing left out

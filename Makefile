@@ -5,7 +5,7 @@ export LLMQ_DATA_DIR ?= $(SHARED)/data
 export HF_HUB_OFFLINE ?= 1
 PY ?= python
 
-.PHONY: install test demo bench-streaming e2e
+.PHONY: install test check-wheel demo bench-streaming e2e
 
 install:
 	$(PY) -m pip install torch==2.13.0
@@ -13,6 +13,10 @@ install:
 
 test:
 	$(PY) -m pytest -q
+
+# The built wheel, installed into a fresh virtual environment, used from outside the checkout (CI runs it).
+check-wheel:
+	LLMQ_SHARED=$(SHARED) bash scripts/check_wheel.sh
 
 # The main job on the default model: RTN 4-bit symmetric g128, then a quick perplexity comparison.
 demo:

@@ -142,7 +142,7 @@ class ModelSource:
                 self.config = AutoConfig.from_pretrained(self.dir)
             else:
                 self.config = AutoConfig.from_pretrained(self.dir, gguf_file=self.gguf.name)
-        except Exception as e:
+        except (OSError, ValueError, KeyError) as e:  # missing, unreadable or malformed: the user's input
             raise InputError(f"cannot read the model config in {self.dir}: {str(e).splitlines()[0][:200]}") from None
         if getattr(self.config, "quantization_config", None):
             raise InputError(f"{self.dir} is already quantized ({self.config.quantization_config.get('quant_method')}); give an unquantized model")
@@ -162,7 +162,7 @@ class ModelSource:
 
         try:
             m = AutoModelForCausalLM.from_pretrained(self.gguf.parent, gguf_file=self.gguf.name, dtype=torch.float32)
-        except Exception as e:
+        except (OSError, ValueError, KeyError) as e:
             raise InputError(f"cannot load GGUF file {self.gguf}: {str(e).splitlines()[0][:200]}") from None
         sd = {k: v.detach() for k, v in m.state_dict().items()}
         if getattr(self.config, "tie_word_embeddings", False):
@@ -176,7 +176,7 @@ class ModelSource:
             if (self.dir / "tokenizer.json").is_file() or (self.dir / "tokenizer_config.json").is_file() or self.gguf is None:
                 return AutoTokenizer.from_pretrained(self.dir)
             return AutoTokenizer.from_pretrained(self.dir, gguf_file=self.gguf.name)
-        except Exception as e:
+        except (OSError, ValueError, KeyError) as e:
             raise InputError(f"cannot load a tokenizer from {self.dir}: {str(e).splitlines()[0][:200]}") from None
 
     def tokenizer_files(self) -> list[Path]:

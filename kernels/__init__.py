@@ -1,1 +1,0 @@
-"""Dequant-matmul kernels, installed as ``llmq.kernels`` (never a top-level import)."""

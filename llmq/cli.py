@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
+import os
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -21,6 +23,9 @@ console = Console(stderr=True)
 out = Console(width=None if sys.stdout.isatty() else 140)
 
 
+INTERRUPT_NOTES = {"quantize": "; finished blocks are kept in the work folder and the same command resumes"}
+
+
 def guarded(fn):
     """Bad input: one line on stderr, exit 2. Our bug: one line, exit 1."""
 
@@ -31,7 +36,10 @@ def guarded(fn):
         except InputError as e:
             print(f"llmq: error: {e}", file=sys.stderr)
             raise typer.Exit(2)
-        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+        except KeyboardInterrupt:
+            print(f"llmq: interrupted{INTERRUPT_NOTES.get(fn.__name__, '')}", file=sys.stderr)
+            raise typer.Exit(130)
+        except (typer.Exit, typer.Abort):
             raise
         except Exception as e:  # noqa: BLE001
             print(f"llmq: internal error: {type(e).__name__}: {e}", file=sys.stderr)
@@ -234,8 +242,20 @@ def export(
               f"to {output} as compressed-tensors pack-quantized; {s['bytes']:,} B of tensors; not quantized: {', '.join(s['ignore']) or 'none'}")
 
 
+def _silence_stderr_at_exit() -> None:
+    """Triton's bindings (nanobind), which torch imports, print ~30 lines of "leaked instance" reports while the
+    interpreter shuts down: noise from the binding, not ours. Our last word has been written by then."""
+    sys.stderr.flush()
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+
+
 def main():
-    app()
+    atexit.register(_silence_stderr_at_exit)  # registered first, so it runs after every other exit handler
+    try:
+        app()
+    except KeyboardInterrupt:  # between commands' own handling (start-up, argument parsing)
+        print("llmq: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

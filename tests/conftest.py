@@ -56,3 +56,12 @@ def tiny_model(tmp_path_factory) -> Path:
 def _data_dir(monkeypatch):
     monkeypatch.setenv("LLMQ_DATA_DIR", str(DATA))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def pytest_unconfigure(config):
+    """Triton's bindings (nanobind), which torch imports, report "leaked" objects on stderr while the interpreter
+    shuts down, after pytest's closing line: noise from the binding, silenced so the summary stays last."""
+    import sys
+
+    sys.stderr.flush()
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)

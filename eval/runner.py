@@ -115,7 +115,8 @@ def evaluate_model(model_path: str, opts: EvalOptions, progress, log=lambda m: N
     from llmq.data import data_dir as resolve_data_dir
 
     dd = resolve_data_dir(opts.data_dir)
-    model, tok, kind = load_causal_lm(model_path, opts.torch_dtype)
+    windows = any(t in PPL_TASKS or t == "kl" for t in opts.tasks)
+    model, tok, kind = load_causal_lm(model_path, opts.torch_dtype, seqlen=opts.seqlen if windows else None)
     res: dict = {"kind": kind, "bpw": bits_per_weight(model_path)}
     name = Path(model_path).name or model_path
     for t in opts.tasks:

@@ -6,8 +6,10 @@
     int_matmul(x, tensors, cfg, bias)     Triton on CUDA, the torch reference elsewhere
     hadamard_transform(x, hm, signs, inverse)   the fused online Hadamard transform of rotated layers (hadamard.py)
 
-`LLMQ_KERNELS=torch|triton|auto` overrides the choice (default auto). `triton` on CPU tensors needs
-`TRITON_INTERPRET=1` set before anything imports triton (that is how the tests run the kernels in CI).
+On CPU, `LlmqLinear` first tries its own CPU path (cpu.py: fused int kernels or a decoded-weight cache, built once);
+the torch branch here is the reference it is tested against. `LLMQ_KERNELS=torch|triton|auto` overrides the choice
+(default auto; `torch` also skips the CPU path). `triton` on CPU tensors needs `TRITON_INTERPRET=1` set before
+anything imports triton (that is how the tests run the kernels in CI).
 Triton is imported lazily, so CPU use never pays for it and never fails for lack of a GPU driver.
 """
 

@@ -22,7 +22,7 @@ from .errors import InputError
 class CalibConfig:
     source: str = "c4"
     nsamples: int = 128
-    seqlen: int = 2048
+    seqlen: int | None = 2048  # None: DEFAULT_SEQLEN, or the model's context if shorter (resolved by the pipeline)
     seed: int = 0
     data_dir: str | None = None
     dtype: str = "auto"  # of the calibration forward passes (activations); Hessians are always fp32
@@ -41,6 +41,7 @@ class CalibConfig:
         return replace(self, dtype=next(k for k, v in CALIB_DTYPES.items() if v == t))
 
 
+DEFAULT_SEQLEN = 2048
 CALIB_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -6,6 +6,7 @@ import atexit
 import functools
 import json
 import os
+import signal
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -16,7 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .errors import InputError
+from .errors import InputError, WriteFailure
 
 app = typer.Typer(help="llmq: post-training weight quantization for LLMs.", no_args_is_help=True, add_completion=False)
 console = Console(stderr=True)
@@ -36,6 +37,9 @@ def guarded(fn):
         except InputError as e:
             print(f"llmq: error: {e}", file=sys.stderr)
             raise typer.Exit(2)
+        except WriteFailure as e:  # the machine's state (disk full, read-only folder), not a bug of ours
+            print(f"llmq: error: {e}", file=sys.stderr)
+            raise typer.Exit(1)
         except KeyboardInterrupt:
             print(f"llmq: interrupted{INTERRUPT_NOTES.get(fn.__name__, '')}", file=sys.stderr)
             raise typer.Exit(130)
@@ -67,13 +71,13 @@ def quantize(
     true_sequential: Annotated[Optional[bool], typer.Option("--true-sequential/--block-sequential", help="Re-collect each linear group's inputs after the groups before it in the block are quantized (default: block at a time).")] = None,
     rotate: Annotated[str, typer.Option(help="Rotation before quantization: none; hadamard (per-layer randomized Hadamard incoherence, applied online at inference); residual (residual-stream rotation with RMSNorm folding, zero inference cost; unties the head); both.")] = "none",
     recipe: Annotated[Optional[Path], typer.Option(help="YAML recipe (defaults plus per-layer regex overrides); flags given here override its defaults.")] = None,
-    calib: Annotated[str, typer.Option(help="Calibration data: c4, wikitext2, none, hf:NAME[:CONFIG[:SPLIT]], or a local .txt/.jsonl/.parquet file.")] = "c4",
+    calib: Annotated[str, typer.Option(help="Calibration data: auto (c4 when a method uses calibration data, none for data-free rtn/nf4/higgs), c4, wikitext2, none, hf:NAME[:CONFIG[:SPLIT]], or a local .txt/.jsonl/.parquet file.")] = "auto",
     nsamples: Annotated[int, typer.Option(help="Number of calibration windows.")] = 128,
-    seqlen: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 2048,
+    seqlen: Annotated[Optional[int], typer.Option(help="Tokens per calibration window (default 2048, or the model's context if shorter).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for drawing calibration windows.")] = 0,
     calib_dtype: Annotated[str, typer.Option(help="dtype of the calibration forward passes: auto (bf16 on CPUs with native bf16 matmul, as the GPTQ reference runs fp16; else fp32), fp32, bf16, fp16. Weights, Hessians and the quantization math are fp32 regardless.")] = "auto",
     data_dir: Annotated[Optional[str], typer.Option(help="Local data folder (layout of ../shared/data); default $LLMQ_DATA_DIR, else the hub.")] = None,
-    dtype: Annotated[str, typer.Option(help="dtype of tensors kept unquantized (embeddings, norms): auto (as the source stores them), fp16, bf16, fp32.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="dtype of tensors kept unquantized (embeddings, norms): auto (as the source stores them; fp16 for a GGUF, whose blocks carry fp16 scales), fp16, bf16, fp32.")] = "auto",
     batch_size: Annotated[Optional[int], typer.Option(help="Calibration sequences per forward pass (default: as many as fill 4096 tokens).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
     verbose: Annotated[bool, typer.Option(help="Print every layer in the summary, not one row per layer type.")] = False,
@@ -83,19 +87,8 @@ def quantize(
     from .pipeline import QuantizeJob, run_quantize
     from .recipe import Recipe
 
-    r = Recipe.from_yaml(recipe) if recipe else Recipe()
-    for key, val in (("method", method), ("bits", bits), ("group_size", group_size), ("sym", sym), ("mse_clip", mse_clip)):
-        if val is not None:
-            setattr(r.default, key, val)
-    if group_size is None and recipe is None:  # a method's own default group size (nf4: 64, QLoRA's block size)
-        from .methods import METHODS
-
-        r.default.group_size = getattr(METHODS.get(r.default.method), "default_group_size", r.default.group_size)
-    if true_sequential is not None:
-        r.true_sequential = true_sequential
-    if act_order is not None:
-        r.default.options["act_order"] = act_order
-    r.rotate = rotate if rotate != "none" or recipe is None else r.rotate
+    r = Recipe.from_cli(recipe, method=method, bits=bits, group_size=group_size, sym=sym, mse_clip=mse_clip,
+                        act_order=act_order, true_sequential=true_sequential, rotate=rotate)
     job = QuantizeJob(model=model, out=output, recipe=r, dtype=dtype, batch_size=batch_size, overwrite=overwrite,
                       calib=CalibConfig(source=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, data_dir=data_dir,
                                         dtype=calib_dtype))
@@ -172,6 +165,11 @@ def eval_(
                        batch_tokens=batch_tokens, dtype=dtype, data_dir=data_dir, task_data=parse_task_data(task_data),
                        reference=reference, kl_dataset=kl_dataset, kl_topk=kl_topk, kl_cache=kl_cache)
     validate(opts)
+    from .workdir import check_writable_file
+
+    for path, option in ((json_path, "--json"), ((plot or Path("llmq_compare.png")) if compare else None, "--plot")):
+        if path is not None:
+            check_writable_file(path, option)  # before the evaluation, not after it
     results: dict = {}
     for m in models:
         if compare and m.endswith(".json") and Path(m).is_file():
@@ -227,17 +225,14 @@ def inspect(
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="An llmq checkpoint folder.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output folder (appears only when complete).")],
-    format: Annotated[str, typer.Option("--format", help="Target format: compressed-tensors (pack-quantized; symmetric 4/8-bit, group size dividing every input dimension, no act-order).")] = "compressed-tensors",
+    format: Annotated[str, typer.Option("--format", help="Target format: compressed-tensors (pack-quantized; symmetric 4/8-bit, group size dividing every input dimension, no stored group index; GPTQ act-order exports).")] = "compressed-tensors",
     dtype: Annotated[str, typer.Option(help="dtype of the exported scales and unquantized tensors: auto (the checkpoint's), fp16, bf16, fp32.")] = "auto",
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder, if it is an earlier llmq export or empty.")] = False,
 ):
     """Convert an llmq checkpoint to a format that loads without llmq (transformers + compressed-tensors, vLLM)."""
-    from .export import EXPORT_FORMATS
-    from .export.compressed_tensors import export_compressed_tensors
+    from .export import export_checkpoint
 
-    if format not in EXPORT_FORMATS:
-        raise InputError(f"unknown export format {format!r} (choose from {', '.join(EXPORT_FORMATS)})")
-    s = export_compressed_tensors(checkpoint, output, dtype=dtype, overwrite=overwrite, log=lambda m: console.print(f"[dim]{m}[/dim]"))
+    s = export_checkpoint(checkpoint, output, format, overwrite=overwrite, dtype=dtype, log=lambda m: console.print(f"[dim]{m}[/dim]"))
     out.print(f"exported {s['layers']} layers ({s['bits']}-bit, group {s['group_size'] or 'per channel'}, scales {s['scale_dtype']}) "
               f"to {output} as compressed-tensors pack-quantized; {s['bytes']:,} B of tensors; not quantized: {', '.join(s['ignore']) or 'none'}")
 
@@ -250,6 +245,7 @@ def _silence_stderr_at_exit() -> None:
 
 
 def main():
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # start-up is over (see llmq/__init__.py)
     atexit.register(_silence_stderr_at_exit)  # registered first, so it runs after every other exit handler
     try:
         app()

@@ -38,11 +38,9 @@ class LlmqHfQuantizer(HfQuantizer):
     requires_calibration = True  # llmq checkpoints are made by `llmq quantize`, not at load time
 
     def validate_environment(self, *args, **kwargs):
-        from .formats import FORMAT_VERSION
+        from .checkpoint import check_format_version
 
-        v = self.quantization_config.format_version
-        if v > FORMAT_VERSION:
-            raise ValueError(f"this checkpoint uses llmq format version {v}; this llmq reads up to {FORMAT_VERSION}. Upgrade llmq.")
+        check_format_version(self.quantization_config.format_version)
 
     def _process_model_before_weight_loading(self, model, **kwargs):
         layers = self.quantization_config.layers

@@ -3,29 +3,29 @@ folder holding one GGUF file."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
+from .checkpoint import llmq_config, validate_checkpoint
 from .errors import InputError
-from .source import find_gguf, resolve_model_dir
+from .source import find_gguf, load_tokenizer, resolve_model_dir
 
 
 def is_llmq_checkpoint(folder: Path) -> bool:
-    cfg = folder / "config.json"
-    if not cfg.is_file():
-        return False
-    qc = json.loads(cfg.read_text()).get("quantization_config") or {}
-    return qc.get("quant_method") == "llmq"
+    return llmq_config(folder) is not None
 
 
-def load_causal_lm(model: str, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer, description). llmq checkpoints load through the registered quantizer."""
+def load_causal_lm(model: str, dtype: torch.dtype = torch.float32, seqlen: int | None = None):
+    """(model, tokenizer, description). llmq checkpoints load through the registered quantizer. `seqlen`:
+    windows to be scored, refused before the weights are read when beyond the model's context."""
     import llmq  # noqa: F401  (registers the quantizer before from_pretrained)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = resolve_model_dir(model)
+    llmq_ckpt = is_llmq_checkpoint(folder)
+    if llmq_ckpt:  # before transformers reads it: one line naming what is damaged, not NaN logits or a traceback
+        validate_checkpoint(folder)
     path = Path(model)
     gguf = path if path.suffix == ".gguf" else (None if any(folder.glob("*.safetensors")) else find_gguf(folder))
     kwargs = {"dtype": dtype}
@@ -33,11 +33,17 @@ def load_causal_lm(model: str, dtype: torch.dtype = torch.float32):
         kwargs["gguf_file"] = gguf.name
     elif not any(folder.glob("*.safetensors")):
         raise InputError(f"no model weights in {folder} (expected *.safetensors or one *.gguf)")
+    tok = load_tokenizer(folder, gguf)  # first: a missing tokenizer is found before the weights are read
+    if seqlen is not None:
+        try:
+            max_ctx = getattr(AutoConfig.from_pretrained(folder, **({"gguf_file": gguf.name} if gguf else {})), "max_position_embeddings", None)
+        except (OSError, ValueError, KeyError) as e:
+            raise InputError(f"cannot read the model config of {model}: {str(e).splitlines()[0][:200]}") from None
+        if max_ctx and seqlen > max_ctx:
+            raise InputError(f"--seqlen {seqlen} is beyond the context of {model} ({max_ctx} tokens)")
     try:
         m = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     except (OSError, ValueError) as e:
         raise InputError(f"cannot load {model} as a causal LM: {str(e).splitlines()[0][:200]}") from None
-    tok_kwargs = {} if (folder / "tokenizer.json").is_file() or gguf is None else {"gguf_file": gguf.name}
-    tok = AutoTokenizer.from_pretrained(folder, **tok_kwargs)
-    kind = "llmq" if is_llmq_checkpoint(folder) else ("gguf" if gguf else "hf")
+    kind = "llmq" if llmq_ckpt else ("gguf" if gguf else "hf")
     return m.eval(), tok, kind

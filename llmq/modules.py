@@ -1,4 +1,5 @@
-"""`LlmqLinear`: a linear layer that computes from packed weights (torch reference path on CPU)."""
+"""`LlmqLinear`: a linear layer that computes from packed weights (Triton on CUDA; on CPU llmq.kernels.cpu, else the
+torch reference)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .formats import get_format
+from .kernels import cpu
 from .kernels.dispatch import quant_linear
 from .rotation.incoherence import online_rotation, rotation_tensor_specs
 
@@ -39,6 +41,10 @@ class LlmqLinear(nn.Module):
         return self.format.dequantize(self.packed_tensors(), self.layer_config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if cpu.use_cpu_path(x):
+            fast = self._cpu_state(x.dtype)
+            if fast is not None:
+                return fast(x)
         rot = online_rotation(self)  # a layer quantized in a Hadamard-rotated basis (llmq.rotation.incoherence)
         if rot is not None:
             return rot.output(self._forward_packed(rot.input(x)))
@@ -46,6 +52,21 @@ class LlmqLinear(nn.Module):
 
     def _forward_packed(self, x: torch.Tensor) -> torch.Tensor:
         return quant_linear(x, self.packed_tensors(), self.layer_config, self.bias)  # Triton on CUDA, torch on CPU
+
+    def _cpu_state(self, dtype: torch.dtype):
+        """The CPU forward (llmq.kernels.cpu.prepare), kept outside the buffers so it is never saved; rebuilt when a
+        buffer is replaced or written in place (its version changes), or the dtype or LLMQ_CPU_WEIGHT_CACHE does."""
+        key = (dtype, cpu.cache_enabled(), *((b.data_ptr(), b._version) for b in self._buffers.values()),
+               None if self.bias is None else (self.bias.data_ptr(), self.bias._version))
+        state = self.__dict__.get("_llmq_cpu")
+        if state is None or state[0] != key:
+            self.__dict__.pop("_llmq_cpu", None)  # free the old copy before building the new one
+            state = self.__dict__["_llmq_cpu"] = (key, cpu.prepare(self, dtype))
+        return state[1]
+
+    def _apply(self, fn, *args, **kwargs):
+        self.__dict__.pop("_llmq_cpu", None)  # .to() / .cuda() / .half(): the CPU copy is stale
+        return super()._apply(fn, *args, **kwargs)
 
     @classmethod
     def from_packed(cls, layer_config: dict, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None):

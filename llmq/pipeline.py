@@ -19,6 +19,7 @@ import contextlib
 import ctypes
 import dataclasses
 import gc
+import hashlib
 import json
 import os
 import shutil
@@ -34,7 +35,8 @@ from safetensors.torch import save_file
 from . import __version__
 from .adapters import adapter_for
 from .blocks import BlockFactory, cast_dense_params, forward_block
-from .calib import CalibConfig, calib_batch_size, calibration_ids
+from .calib import DEFAULT_SEQLEN, CalibConfig, calib_batch_size, calibration_ids
+from .data import data_dir
 from .errors import InputError
 from .formats import FORMAT_VERSION
 from .hf import QUANT_METHOD
@@ -42,6 +44,7 @@ from .quantize_block import Calibration, install_quantized, quantize_block, quan
 from .recipe import METHOD_NONE, Recipe
 from .rotation import RotatedSource, check_sizes, residual_rotation
 from .source import ModelSource
+from .workdir import RunLock, check_output, files_fingerprint, prepare_work_dir, publish, write_failure
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 REPORT = "llmq_report.json"
@@ -57,13 +60,22 @@ class QuantizeJob:
     batch_size: int | None = None  # calibration sequences per pass; None: llmq.calib.calib_batch_size
     overwrite: bool = False
 
-    def fingerprint(self, source: ModelSource) -> dict:
+    def fingerprint(self, source: ModelSource, ids: torch.Tensor | None) -> dict:
+        """Everything that changes the result: a work folder resumes only when all of it is equal."""
+        weights = [source.gguf] if source.gguf is not None else [*source.dir.glob("*.safetensors"), *source.dir.glob("*.index.json")]
+        config = [source.dir / "config.json"] if (source.dir / "config.json").is_file() else []
         return {
             "llmq": __version__,
+            "torch": torch.__version__,
             "format_version": FORMAT_VERSION,
             "model": str(source.gguf or source.dir.resolve()),
+            "model_files": files_fingerprint([*weights, *config, *source.tokenizer_files()]),
             "recipe": self.recipe.to_dict(),
             "calib": self.calib.to_dict(),
+            "calib_data_dir": str(data_dir(self.calib.data_dir) or ""),
+            # the calibration windows themselves: covers a --calib file's contents, the data folder, the tokenizer
+            "calib_samples": hashlib.blake2b(ids.numpy().tobytes(), digest_size=16).hexdigest() if ids is not None else None,
+            "batch_size": self.batch_size,
             "dtype": self.dtype,
         }
 
@@ -107,63 +119,82 @@ def load_shard(path: Path) -> tuple[dict, dict]:
     return tensors, json.loads(meta.get("llmq_layers", "{}"))
 
 
-def prepare_work_dir(job: QuantizeJob, source: ModelSource, log) -> Path:
-    work = job.out.parent / f".{job.out.name}.partial"
-    fp = job.fingerprint(source)
-    run_file = work / "run.json"
-    if work.exists():
-        old = json.loads(run_file.read_text()) if run_file.is_file() else None
-        if old == fp:
-            log(f"resuming from {work}")
-            return work
-        log(f"discarding {work}: it was made by a different command")
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
-    run_file.write_text(json.dumps(fp, indent=2))
-    return work
-
-
 def run_quantize(job: QuantizeJob, log=print, progress=None) -> dict:
-    """`progress`: optional factory of a rich Progress, opened once the work starts."""
-    """Quantize job.model into job.out. Returns the report (also written to OUT/llmq_report.json)."""
+    """Quantize job.model into job.out. Returns the report (also written to OUT/llmq_report.json).
+    `progress`: optional factory of a rich Progress, opened once the work starts."""
     t_start = time.perf_counter()
     recipe = job.recipe.validate()
-    if job.out.exists() and not job.overwrite:
-        raise InputError(f"output folder already exists: {job.out} (pass --overwrite to replace it)")
     if job.dtype != "auto" and job.dtype not in DTYPES:
         raise InputError(f"--dtype must be auto, fp16, bf16 or fp32, got {job.dtype!r}")
-    # `auto` settings resolved once (a bad --batch-size fails here, before any work); the fingerprint and
-    # metadata name the real calibration dtype
-    job = dataclasses.replace(job, calib=job.calib.resolved(), batch_size=calib_batch_size(job.batch_size, job.calib.seqlen))
     keep_freed_memory_mapped()
     source = ModelSource(job.model)
+    check_output(job.out, source.dir, job.overwrite)
+    # `auto` settings resolved once, before any work (a bad --batch-size fails here); the fingerprint and
+    # metadata name the real calibration source, length and dtype
+    calib = _resolve_calib(job.calib, recipe, getattr(source.config, "max_position_embeddings", None), log)
+    job = dataclasses.replace(job, calib=calib, batch_size=calib_batch_size(job.batch_size, calib.seqlen))
     adapter = adapter_for(source.config)
     factory = BlockFactory(source.config, adapter)
     check_sizes(recipe, source.config, quantize_head=recipe.spec_for(adapter.head).method != METHOD_NONE)
+    _check_layer_shapes(recipe, factory, adapter)
     needs_calib = any(m.needs_hessian for m in _methods_used(recipe))
     if needs_calib and job.calib.source == "none":
         raise InputError("the chosen method needs calibration data; --calib none is only for data-free methods")
-    ids = calibration_ids(job.calib, source.tokenizer()) if job.calib.source != "none" else None
-    release_memory()
-    gc.freeze()  # what exists now (imports, skeleton, tokenizer) lives to the end: later collections skip it
-    tensors_src = source.tensors  # validates safetensors files / loads a GGUF
-    out_dtype = DTYPES.get(job.dtype) or source.tensors.dtype_on_disk()
-    if adapter.embed + ".weight" not in tensors_src.keys():
-        raise InputError(f"{source.dir}: no tensor {adapter.embed}.weight; not a {adapter.family}-style checkpoint")
+    with RunLock(job.out):
+        ids = calibration_ids(job.calib, source.tokenizer()) if job.calib.source != "none" else None
+        release_memory()
+        gc.freeze()  # what exists now (imports, skeleton, tokenizer) lives to the end: later collections skip it
+        tensors_src = source.tensors  # validates safetensors files / loads a GGUF
+        out_dtype = DTYPES.get(job.dtype) or source.tensors.dtype_on_disk()
+        if adapter.embed + ".weight" not in tensors_src.keys():
+            raise InputError(f"{source.dir}: no tensor {adapter.embed}.weight; not a {adapter.family}-style checkpoint")
 
-    work = prepare_work_dir(job, source, log)
-    try:
-        with (progress() if progress else contextlib.nullcontext()) as bar:
-            report = _quantize_blocks(job, source, adapter, factory, recipe, ids, work, out_dtype, bar)
-    except InputError:
-        shutil.rmtree(work, ignore_errors=True)  # bad input: nothing worth resuming
-        raise
-    report["seconds"] = time.perf_counter() - t_start
-    (work / REPORT).write_text(json.dumps(report, indent=2))
-    if job.out.exists():
-        shutil.rmtree(job.out)
-    os.replace(work, job.out)
+        work = prepare_work_dir(job.out, job.fingerprint(source, ids), log)
+        try:
+            with (progress() if progress else contextlib.nullcontext()) as bar:
+                report = _quantize_blocks(job, source, adapter, factory, recipe, ids, work, out_dtype, bar, log)
+            report["seconds"] = time.perf_counter() - t_start
+            (work / REPORT).write_text(json.dumps(report, indent=2))
+            publish(work, job.out)
+        except InputError:
+            shutil.rmtree(work, ignore_errors=True)  # bad input: nothing worth resuming
+            raise
+        except OSError as e:
+            failure = write_failure(e, work)
+            if failure is None:
+                raise
+            raise failure from None
     return report
+
+
+def _resolve_calib(calib: CalibConfig, recipe: Recipe, max_ctx: int | None, log) -> CalibConfig:
+    """`--calib auto`: C4 when a method in the recipe uses calibration data, none for data-free methods.
+    Window length: as given (refused beyond the model's context), else 2048 or the context if shorter."""
+    if calib.source == "auto":
+        if any(getattr(m, "uses_calibration", True) for m in _methods_used(recipe)):
+            calib = dataclasses.replace(calib, source="c4")
+        else:
+            log("no calibration: the recipe's methods use no calibration data (the report gives weight errors; --calib c4 adds output errors)")
+            calib = dataclasses.replace(calib, source="none")
+    if calib.seqlen is None:
+        calib = dataclasses.replace(calib, seqlen=min(DEFAULT_SEQLEN, max_ctx or DEFAULT_SEQLEN))
+    elif calib.source != "none" and max_ctx and calib.seqlen > max_ctx:
+        raise InputError(f"--seqlen {calib.seqlen} is beyond the model's context of {max_ctx} tokens")
+    return calib.resolved()
+
+
+def _check_layer_shapes(recipe: Recipe, factory: BlockFactory, adapter) -> None:
+    """Method limits that depend on a layer's shape (a method's optional `check_layer`), before any work."""
+    from .methods import METHODS
+
+    shapes = {n: (m.out_features, m.in_features) for n, m in factory.meta_block(0).named_modules() if isinstance(m, torch.nn.Linear)}
+    for i in range(factory.num_blocks):
+        for name, (n_out, n_in) in shapes.items():
+            layer = adapter.block_prefix(i) + name
+            spec = recipe.spec_for(layer)
+            check = getattr(METHODS.get(spec.method), "check_layer", None)
+            if check is not None:
+                check(spec, n_out, n_in, f"layer {layer}")
 
 
 def _methods_used(recipe: Recipe):
@@ -175,7 +206,7 @@ def _methods_used(recipe: Recipe):
     return [METHODS[s.method] for s in specs if s.method != METHOD_NONE]
 
 
-def _quantize_blocks(job, source, adapter, factory, recipe, ids, work, out_dtype, progress) -> dict:
+def _quantize_blocks(job, source, adapter, factory, recipe, ids, work, out_dtype, progress, log) -> dict:
     tensors_src = source.tensors
     rot = residual_rotation(recipe, source.config)  # model-level rotation: every tensor is read rotated
     if rot is not None:
@@ -191,6 +222,8 @@ def _quantize_blocks(job, source, adapter, factory, recipe, ids, work, out_dtype
     pos_emb = factory.position_embeddings(job.calib.seqlen, cdtype) if ids is not None else None
     all_layers, rows = {}, []
     kill_after = int(os.environ.get("LLMQ_DEBUG_KILL_AFTER_BLOCK", "-1"))  # test hook: simulate a crash
+    # test hook "I:PATH": after block I, wait until PATH exists (lets a test act while a run is mid-way)
+    hold_after, _, hold_until = os.environ.get("LLMQ_DEBUG_HOLD_AFTER_BLOCK", "-1:").partition(":")
 
     task = progress.add_task("quantizing blocks", total=n_blocks) if progress else None
     for i in range(n_blocks):
@@ -226,6 +259,8 @@ def _quantize_blocks(job, source, adapter, factory, recipe, ids, work, out_dtype
             progress.advance(task)
         if i == kill_after:
             os.kill(os.getpid(), 9)
+        while i == int(hold_after) and not Path(hold_until).exists():
+            time.sleep(0.05)
 
     # Embeddings and final norm in one shard, the head (unless tied) in another: one large tensor each.
     tied = tied_src
@@ -240,7 +275,7 @@ def _quantize_blocks(job, source, adapter, factory, recipe, ids, work, out_dtype
         tied = False  # the head now differs from the embeddings
     if head:
         save_atomic(head, work / shard_name(n_blocks + 1, n_shards))
-    _write_metadata(job, source, work, all_layers, n_shards, tied, out_dtype)
+    _write_metadata(job, source, work, all_layers, n_shards, tied, out_dtype, log)
     return {"model": source.name, "recipe": recipe.to_dict(), "calib": job.calib.to_dict() if ids is not None else None, "layers": rows}
 
 
@@ -260,7 +295,7 @@ def _head_tensors(adapter, recipe, tensors_src, tied, out_dtype) -> tuple[dict, 
     return {f"{adapter.head}.{k}": v for k, v in packed.items()}, cfg
 
 
-def _write_metadata(job, source, work, layers, n_shards, tied, out_dtype) -> None:
+def _write_metadata(job, source, work, layers, n_shards, tied, out_dtype, log) -> None:
     weight_map, total = {}, 0
     for i in range(n_shards):
         name = shard_name(i, n_shards)
@@ -281,8 +316,21 @@ def _write_metadata(job, source, work, layers, n_shards, tied, out_dtype) -> Non
         "layers": layers,
     }
     (work / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    for f in source.tokenizer_files():
-        shutil.copy2(f, work / f.name)
+    _write_tokenizer(source, work, log)
     for f in work.glob("report-*.json"):
         f.unlink()
     (work / "run.json").unlink(missing_ok=True)
+
+
+def _write_tokenizer(source: ModelSource, work: Path, log) -> None:
+    """The source's tokenizer files; for a GGUF without them, the tokenizer (vocabulary, merges, special
+    tokens, chat template) that transformers builds from the GGUF's metadata."""
+    files = source.tokenizer_files()
+    for f in files:
+        shutil.copy2(f, work / f.name)
+    if any(f.name in ("tokenizer.json", "tokenizer.model", "vocab.json") for f in files):
+        return
+    if source.gguf is None:
+        log(f"warning: {source.dir} has no tokenizer files; the checkpoint has none (eval needs one beside it)")
+        return
+    source.tokenizer().save_pretrained(work)

@@ -12,7 +12,9 @@ A recipe is a default `LayerSpec` plus regex overrides applied in order (later o
       - match: 'lm_head'
         method: none               # keep 16-bit
 
-`lm_head` is kept unquantized unless an override says otherwise.
+`lm_head` is kept unquantized unless an override says otherwise. Values must have their YAML type (`sym: "false"`,
+a string, is refused), and a value given for a field or option its method does not use is refused (each method
+declares `uses_fields` and `options_schema`, llmq.methods.options): bad input fails here, before a model is loaded.
 """
 
 from __future__ import annotations
@@ -29,6 +31,17 @@ from .errors import InputError
 METHOD_NONE = "none"  # keep the layer in its original precision
 DEFAULT_OVERRIDES = [{"match": r"(^|\.)lm_head$", "method": METHOD_NONE}]
 
+# Every recipe key and its YAML type. Strict: a quoted "false" is a (truthy) string, `true` is not an integer.
+_TYPES = {"method": str, "bits": int, "group_size": int, "sym": bool, "mse_clip": bool, "options": dict,
+          "rotate": str, "rotate_seed": int, "rotate_vo": bool, "true_sequential": bool}
+_TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", dict: "a mapping"}
+
+
+def _check_type(where: str, key: str, v) -> None:
+    t = _TYPES[key]
+    if not (isinstance(v, t) and (t is bool or not isinstance(v, bool))):
+        raise InputError(f"{where}: {key} must be {_TYPE_NAMES[t]}, got {v!r}")
+
 
 @dataclass
 class LayerSpec:
@@ -41,25 +54,34 @@ class LayerSpec:
 
     def validate(self, where: str = "recipe") -> "LayerSpec":
         from .methods import METHODS
+        from .methods.options import check_options
 
-        if self.method != METHOD_NONE and self.method not in METHODS:
-            raise InputError(f"{where}: unknown method {self.method!r} (choose from {', '.join(sorted(METHODS))}, none)")
+        for f in dataclasses.fields(self):
+            _check_type(where, f.name, getattr(self, f.name))
         if self.method == METHOD_NONE:
+            if self.options:
+                raise InputError(f"{where}: method none (kept unquantized) takes no options")
             return self
-        if getattr(METHODS[self.method], "uses_bits", True) and (not isinstance(self.bits, int) or not 2 <= self.bits <= 8):
+        if self.method not in METHODS:
+            raise InputError(f"{where}: unknown method {self.method!r} (choose from {', '.join(sorted(METHODS))}, none)")
+        m = METHODS[self.method]
+        if "bits" in m.uses_fields and not 2 <= self.bits <= 8:
             raise InputError(f"{where}: bits must be an integer from 2 to 8, got {self.bits!r}")
-        if not isinstance(self.group_size, int) or self.group_size < 0 or 0 < self.group_size < 8:
+        if "group_size" in m.uses_fields and (self.group_size < 0 or 0 < self.group_size < 8):
             raise InputError(f"{where}: group size must be 0 (per-channel) or an integer >= 8, got {self.group_size!r}")
-        check = getattr(METHODS[self.method], "check_options", None)  # method-specific knobs in `options`
-        if check is not None:
-            check(self.options, where)
-        check_spec = getattr(METHODS[self.method], "check_spec", None)  # method-specific limits (e8p: bits 2, 3, 4)
+        check_options(m, self.options, where)
+        check_spec = getattr(m, "check_spec", None)  # method-specific limits (e8p: bits 2, 3, 4)
         if check_spec is not None:
             check_spec(self, where)
         return self
 
 
 _SPEC_FIELDS = {f.name for f in dataclasses.fields(LayerSpec)}
+_RECIPE_FIELDS = {"overrides", "rotate", "rotate_seed", "rotate_vo", "true_sequential"}
+
+
+def _method_label(method: str) -> str:
+    return "method none (kept unquantized)" if method == METHOD_NONE else method
 
 
 @dataclass
@@ -71,35 +93,47 @@ class Recipe:
     rotate_vo: bool = True  # residual rotation also rotates V/O per head
     true_sequential: bool = False  # re-collect each linear group's inputs after the groups before it are quantized
 
+    def _resolve(self, overrides: list[dict]) -> LayerSpec:
+        """The default spec with `overrides` applied in order. Options are one method's knobs: a layer that an
+        override switches to another method does not inherit the options written for the first."""
+        spec, owner = self.default, self.default.method  # owner: the method the current options were written for
+        for ov in overrides:
+            spec = dataclasses.replace(spec, **{k: v for k, v in ov.items() if k != "match"})
+            owner = spec.method if "options" in ov else owner
+        return dataclasses.replace(spec, options=dict(spec.options) if spec.method == owner else {})
+
     def spec_for(self, module_name: str) -> LayerSpec:
-        spec = dataclasses.replace(self.default, options=dict(self.default.options))
-        for ov in DEFAULT_OVERRIDES + self.overrides:
-            if re.search(ov["match"], module_name):
-                changes = {k: v for k, v in ov.items() if k != "match"}
-                spec = dataclasses.replace(spec, **changes)
-        return spec
+        return self._resolve([ov for ov in DEFAULT_OVERRIDES + self.overrides if re.search(ov["match"], module_name)])
 
     def validate(self) -> "Recipe":
-        self.default.validate("recipe")
+        """Types, ranges and shapes of everything in the recipe (not which keys were given: `from_dict`)."""
         from .rotation import ROTATE_MODES
 
+        self.default.validate("recipe")
+        for key in ("rotate", "rotate_seed", "rotate_vo", "true_sequential"):
+            _check_type("recipe", key, getattr(self, key))
         if self.rotate not in ROTATE_MODES:
             raise InputError(f"recipe: unknown rotation {self.rotate!r} (choose from {', '.join(ROTATE_MODES)})")
-        if not isinstance(self.rotate_seed, int) or isinstance(self.rotate_seed, bool):
-            raise InputError(f"recipe: rotate_seed must be an integer, got {self.rotate_seed!r}")
+        if not isinstance(self.overrides, list):
+            raise InputError(f"recipe: overrides must be a list of mappings, got {self.overrides!r}")
         for i, ov in enumerate(self.overrides):
+            where = f"recipe override #{i + 1}"
+            if not isinstance(ov, dict):
+                raise InputError(f"{where} must be a mapping with a 'match' regex, got {ov!r}")
             if "match" not in ov:
-                raise InputError(f"recipe: override #{i + 1} has no 'match' regex")
+                raise InputError(f"{where} has no 'match' regex")
+            if not isinstance(ov["match"], str):
+                raise InputError(f"{where}: match must be a regex string, got {ov['match']!r}")
             try:
                 re.compile(ov["match"])
             except re.error as e:
-                raise InputError(f"recipe: override #{i + 1} has a bad regex {ov['match']!r}: {e}") from None
+                raise InputError(f"{where} has a bad regex {ov['match']!r}: {e}") from None
             unknown = set(ov) - _SPEC_FIELDS - {"match"}
             if unknown:
-                raise InputError(f"recipe: override #{i + 1} has unknown keys {sorted(unknown)}")
-            dataclasses.replace(self.default, **{k: v for k, v in ov.items() if k != "match"}).validate(
-                f"recipe override {ov['match']!r}"
-            )
+                raise InputError(f"{where} has unknown keys {sorted(map(str, unknown))}")
+            self._resolve([ov]).validate(f"{where} ({ov['match']!r})")
+        if self.default.method == METHOD_NONE and all(ov.get("method", METHOD_NONE) == METHOD_NONE for ov in self.overrides):
+            raise InputError("recipe: every layer is kept unquantized (method none): nothing to quantize")
         return self
 
     def to_dict(self) -> dict:
@@ -112,29 +146,78 @@ class Recipe:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Recipe":
+    def from_dict(cls, d: dict | None) -> "Recipe":
+        """Parse and check a recipe mapping; a key present is a value the user gave (so a field its method does
+        not use is refused), a key absent takes the default."""
+        if not isinstance(d or {}, dict):
+            raise InputError(f"recipe must be a mapping, got {d!r}")
         d = dict(d or {})
-        overrides = d.pop("overrides", []) or []
-        rotate = d.pop("rotate", "none")
-        rot_kw = {k: d.pop(k) for k in ("rotate_seed", "rotate_vo") if k in d}
-        true_sequential = bool(d.pop("true_sequential", False))
-        unknown = set(d) - _SPEC_FIELDS
+        unknown = set(d) - _SPEC_FIELDS - _RECIPE_FIELDS
         if unknown:
-            raise InputError(f"recipe: unknown keys {sorted(unknown)}")
-        if not isinstance(overrides, list):
-            raise InputError("recipe: 'overrides' must be a list")
-        return cls(default=LayerSpec(**d), overrides=overrides, rotate=rotate, true_sequential=true_sequential,
-                   **rot_kw)
+            raise InputError(f"recipe: unknown keys {sorted(map(str, unknown))}")
+        spec = {k: d[k] for k in _SPEC_FIELDS if k in d}
+        rest = {k: d[k] for k in _RECIPE_FIELDS - {"overrides"} if k in d}
+        overrides = [] if d.get("overrides") is None else d["overrides"]
+        r = cls(default=LayerSpec(**spec), overrides=overrides, **rest).validate()
+        from .methods.options import COMMON_FIELDS
+
+        top = r.default.method
+        for key in COMMON_FIELDS:
+            if key in d:  # a top-level field also reaches the overrides that do not set it
+                _check_used("recipe", key, [top] + [ov.get("method", top) for ov in r.overrides if key not in ov])
+        for i, ov in enumerate(r.overrides):
+            for key in COMMON_FIELDS:
+                if key in ov:
+                    _check_used(f"recipe override #{i + 1}", key, [ov.get("method", top)])
+        return r
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "Recipe":
-        p = Path(path)
-        if not p.is_file():
-            raise InputError(f"recipe file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise InputError(f"recipe file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if data is not None and not isinstance(data, dict):
-            raise InputError(f"recipe file {p} must hold a mapping")
-        return cls.from_dict(data)
+        return cls.from_dict(_read_yaml(Path(path)))
+
+    @classmethod
+    def from_cli(cls, path: Path | None, *, method: str | None = None, bits: int | None = None,
+                 group_size: int | None = None, sym: bool | None = None, mse_clip: bool | None = None,
+                 act_order: bool | None = None, true_sequential: bool | None = None, rotate: str = "none") -> "Recipe":
+        """`llmq quantize`'s recipe: the file's (or the defaults) with the flags the user gave (not None) on top,
+        checked as if the recipe said them, so a flag the method does not use is refused too. `--rotate none`
+        (the flag's default) keeps the recipe's rotation."""
+        d = _read_yaml(Path(path)) if path else {}
+        flags = {"method": method, "bits": bits, "group_size": group_size, "sym": sym, "mse_clip": mse_clip,
+                 "true_sequential": true_sequential, "rotate": None if rotate == "none" and path else rotate}
+        d.update({k: v for k, v in flags.items() if v is not None})
+        if act_order is not None:  # a gptq option (a non-mapping `options` is reported by from_dict)
+            opts = d.get("options") or {}
+            d["options"] = {**opts, "act_order": act_order} if isinstance(opts, dict) else opts
+        r = cls.from_dict(d)
+        if group_size is None and not path:  # a method's own default group size (nf4: 64, QLoRA's block size)
+            from .methods import METHODS
+
+            r.default.group_size = getattr(METHODS.get(r.default.method), "default_group_size", r.default.group_size)
+        return r
+
+
+def _check_used(where: str, key: str, methods: list[str]) -> None:
+    """Refuse a common field the user gave that no method it reaches reads (e8p --group-size, billm --bits)."""
+    from .methods import METHODS
+
+    if not any(m != METHOD_NONE and key in METHODS[m].uses_fields for m in methods):
+        raise InputError(f"{where}: {_method_label(methods[0])} does not use {key}")
+
+
+def _read_yaml(p: Path):
+    if not p.is_file():
+        raise InputError(f"recipe file not found: {p}")
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"recipe file {p} is not UTF-8 text") from None
+    except OSError as e:
+        raise InputError(f"cannot read recipe file {p}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise InputError(f"recipe file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if data is not None and not isinstance(data, dict):
+        raise InputError(f"recipe file {p} must hold a mapping, got {type(data).__name__}")
+    return data or {}

@@ -5,6 +5,7 @@ transformers can only load whole; acceptable for the small GGUF models it serves
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -17,8 +18,13 @@ from .errors import InputError
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
-def check_safetensors_file(path: Path) -> list[str]:
-    """Validate a safetensors file's header against its size; return its tensor names."""
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+               "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
+
+
+def safetensors_header(path: Path) -> dict[str, dict]:
+    """A safetensors file's tensor entries ({dtype, shape, data_offsets}), after checking that the header and every
+    tensor's byte range agree with the file's size (a truncated or corrupt file is refused, not read as zeros)."""
     size = path.stat().st_size
     try:
         with open(path, "rb") as f:
@@ -29,12 +35,22 @@ def check_safetensors_file(path: Path) -> list[str]:
             if n > size - 8:
                 raise ValueError("header length beyond end of file")
             header = json.loads(f.read(n))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        header.pop("__metadata__", None)
+        for k, v in header.items():
+            start, stop = v["data_offsets"]
+            if stop - start != math.prod(v["shape"]) * DTYPE_BYTES[v["dtype"]]:
+                raise ValueError(f"tensor {k} has {stop - start} bytes for {v['dtype']} {v['shape']}")
+        end = max((v["data_offsets"][1] for v in header.values()), default=0)
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
         raise InputError(f"corrupt safetensors file {path}: {e}") from None
     if 8 + n + end != size:
         raise InputError(f"corrupt or truncated safetensors file {path}: expected {8 + n + end} bytes, found {size}")
-    return [k for k in header if k != "__metadata__"]
+    return header
+
+
+def check_safetensors_file(path: Path) -> list[str]:
+    """Validate a safetensors file's header against its size; return its tensor names."""
+    return list(safetensors_header(path))
 
 
 class SafetensorsSource:
@@ -83,7 +99,10 @@ class StateDictSource:
         return self.sd[name]
 
     def dtype_on_disk(self) -> torch.dtype:
-        return torch.float32
+        # transformers hands GGUF tensors over dequantized to fp32, but the file holds them as 4-8-bit blocks with
+        # fp16 scales: fp16 keeps them to within fp16 rounding at half the bytes (the embeddings are ~20-50 % of
+        # a small model's file)
+        return torch.float16
 
     def release(self, prefix: str) -> None:
         for k in [k for k in self.sd if k.startswith(prefix)]:
@@ -120,6 +139,25 @@ def find_gguf(folder: Path) -> Path | None:
     if len(ggufs) > 1:
         raise InputError(f"{folder} holds {len(ggufs)} .gguf files; pass the one to use as the model path")
     return ggufs[0] if ggufs else None
+
+
+TOKENIZER_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+def load_tokenizer(folder: Path, gguf: Path | None = None):
+    """The folder's tokenizer (else the GGUF file's); InputError, one line, when there is none usable."""
+    from transformers import AutoTokenizer
+
+    own = any((folder / n).is_file() for n in TOKENIZER_VOCAB_FILES)
+    try:
+        if own or gguf is None:
+            return AutoTokenizer.from_pretrained(folder)
+        return AutoTokenizer.from_pretrained(folder, gguf_file=gguf.name)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        if not own and gguf is None:
+            raise InputError(f"no tokenizer in {folder} (none of {', '.join(TOKENIZER_VOCAB_FILES)}); "
+                             "copy the tokenizer files of the model it was made from") from None
+        raise InputError(f"cannot load a tokenizer from {folder}: {' '.join(str(e).split())[:300]}") from None
 
 
 class ModelSource:
@@ -170,14 +208,7 @@ class ModelSource:
         return sd
 
     def tokenizer(self):
-        from transformers import AutoTokenizer
-
-        try:
-            if (self.dir / "tokenizer.json").is_file() or (self.dir / "tokenizer_config.json").is_file() or self.gguf is None:
-                return AutoTokenizer.from_pretrained(self.dir)
-            return AutoTokenizer.from_pretrained(self.dir, gguf_file=self.gguf.name)
-        except (OSError, ValueError, KeyError) as e:
-            raise InputError(f"cannot load a tokenizer from {self.dir}: {str(e).splitlines()[0][:200]}") from None
+        return load_tokenizer(self.dir, self.gguf)
 
     def tokenizer_files(self) -> list[Path]:
         names = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",

@@ -1,3 +1,4 @@
+import atexit
 import os
 import shutil
 from pathlib import Path
@@ -58,7 +59,9 @@ def _data_dir(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
-def pytest_unconfigure(config):
+
+@atexit.register  # after pytest has restored its captured stderr, before the interpreter shuts down
+def _silence_stderr_at_exit():
     """Triton's bindings (nanobind), which torch imports, report "leaked" objects on stderr while the interpreter
     shuts down, after pytest's closing line: noise from the binding, silenced so the summary stays last."""
     import sys

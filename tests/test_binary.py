@@ -17,6 +17,7 @@ from typer.testing import CliRunner  # noqa: E402
 from conftest import DATA, SMOLLM, tensors_of  # noqa: E402
 from llmq.api import quantize_  # noqa: E402
 from llmq.cli import app  # noqa: E402
+from llmq.errors import InputError  # noqa: E402
 from llmq.formats import get_format  # noqa: E402
 from llmq.formats.billm import billm_bits  # noqa: E402
 from llmq.formats.bitplanes import pack_signs, pack_trits, unpack_signs, unpack_trits  # noqa: E402
@@ -244,4 +245,5 @@ def test_bad_options_are_input_errors(tiny_model, tmp_path):
     rec.write_text("method: pbllm\noptions: {salient_ratio: 2}\n")
     r = CliRunner().invoke(app, ["quantize", str(tiny_model), "-o", str(tmp_path / "q"), "--recipe", str(rec)])
     assert r.exit_code == 2 and "salient_ratio" in r.output
-    assert Recipe.from_dict({"method": "billm", "bits": 4}).validate()  # --bits does not apply; not an error
+    with pytest.raises(InputError, match="billm does not use bits"):  # the format fixes the bits: --bits is refused
+        Recipe.from_dict({"method": "billm", "bits": 4})

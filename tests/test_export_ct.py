@@ -3,6 +3,9 @@ the same integer codes and scales; transformers loads them (through compressed-t
 identical to the llmq checkpoint; what the format cannot hold is refused with exit code 2."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -70,10 +73,45 @@ def test_export_matches_compressed_tensors_and_loads_without_llmq(w4g32, tmp_pat
     assert torch.equal(a, b)
 
 
+# A fresh process that never imports llmq: transformers (+ compressed-tensors) alone load the export.
+PLAIN_LOAD = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
+with torch.no_grad():
+    torch.save(model(torch.arange(3, 40)[None]).logits, sys.argv[2])
+assert not any(m == "llmq" or m.startswith("llmq.") for m in sys.modules), "llmq was imported"
+print(model.config.quantization_config.quant_method.value)
+"""
+
+
+def test_gptq_act_order_exports_and_loads_without_llmq(tiny_model, tmp_path):
+    """GPTQ's act-order (the default) uses static groups and stores no g_idx: the codes keep the original column
+    order with group i = columns [i·g, (i+1)·g), the plain layout compressed-tensors holds."""
+    q, dest = tmp_path / "gptq", tmp_path / "ct"
+    r = cli("quantize", tiny_model, "-o", q, "--method", "gptq", "--bits", 4, "--group-size", 32, "--act-order",
+            "--nsamples", 8, "--seqlen", 64)
+    assert r.exit_code == 0, r.output
+    qc = json.loads((q / "config.json").read_text())["quantization_config"]
+    assert qc["recipe"]["options"]["act_order"] is True
+    assert not any(c["act_order"] for c in qc["layers"].values()) and not any(k.endswith("g_idx") for k in tensors_of(q))
+    r = cli("export", q, "-o", dest, "--format", "compressed-tensors")
+    assert r.exit_code == 0, r.output
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    p = subprocess.run([sys.executable, "-c", PLAIN_LOAD, dest, tmp_path / "logits.pt"], capture_output=True, text=True,
+                       cwd=tmp_path, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.split()[-1] == "compressed-tensors"  # loaded through compressed-tensors' quantizer
+    llmq_model = AutoModelForCausalLM.from_pretrained(q, dtype=torch.float32)
+    with torch.no_grad():
+        ours = llmq_model(torch.arange(3, 40)[None]).logits
+    assert torch.equal(torch.load(tmp_path / "logits.pt"), ours)
+
 def test_export_refuses_what_the_format_cannot_hold(tiny_model, tmp_path):
     base = {"format": "int", "bits": 4, "group_size": 32, "sym": True, "act_order": False, "in_features": 96, "out_features": 96}
     assert check_exportable({"a": base}) == (4, 32)
-    for change, words in [({"sym": False}, "asymmetric"), ({"bits": 3}, "3-bit"), ({"act_order": True}, "act-order"),
+    for change, words in [({"sym": False}, "asymmetric"), ({"bits": 3}, "3-bit"), ({"act_order": True}, "g_idx"),
                           ({"group_size": 64}, "does not divide"), ({"format": "codebook"}, "format"),
                           ({"rotate": "hadamard"}, "rotated")]:
         with pytest.raises(InputError, match=words):

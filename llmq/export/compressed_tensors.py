@@ -15,8 +15,9 @@ so per quantized linear layer `p`:
 
 What the target cannot represent is refused (one line each): asymmetric zero points (transformers 5.x cannot
 load pack-quantized zero points: the meta model expects them unpacked), bit widths other than 4 and 8
-(compressed-tensors 0.17, which vLLM pins, and 0.20 pack 3/5/6/7 bits differently), act-order group indices
-(vLLM rejects them), a group size that does not divide a layer's input dimension (compressed-tensors has no
+(compressed-tensors 0.17, which vLLM pins, and 0.20 pack 3/5/6/7 bits differently), a stored per-column group
+index `g_idx` (vLLM rejects it; llmq's GPTQ act-order uses static groups and stores none: its codes keep the
+original column order and group i covers columns [i·g, (i+1)·g), the plain layout, so it exports), a group size that does not divide a layer's input dimension (compressed-tensors has no
 shorter last group), layers quantized in a rotated basis (online transforms), other formats, and mixed
 schemes across layers (one config group with `targets: ["Linear"]`, as compressed-tensors writes it).
 """
@@ -31,6 +32,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..checkpoint import Checkpoint
 from ..errors import InputError
 
 CT_VERSION = "0.20.0"  # the compressed-tensors release whose writer this reproduces (byte-identical tensors)
@@ -51,8 +53,9 @@ def _refusal(name: str, cfg: dict) -> str | None:
     if cfg["bits"] not in SUPPORTED_BITS:
         return (f"{name} has {cfg['bits']}-bit codes; only 4 and 8 bits pack the same in every compressed-tensors "
                 "release (vLLM pins one that packs other widths differently)")
-    if cfg.get("act_order"):
-        return f"{name} has an act-order group index, which vLLM rejects (re-quantize without --act-order)"
+    if cfg.get("act_order"):  # the format's flag for a stored g_idx (llmq's own static-group act-order sets none)
+        return (f"{name} stores a per-column group index (g_idx), which vLLM rejects; only the plain layout "
+                "(group i = columns [i·g, (i+1)·g)) exports")
     gs = cfg["group_size"]
     if gs and cfg["in_features"] % gs:
         return (f"{name}: group size {gs} does not divide its {cfg['in_features']} input features (compressed-tensors "
@@ -129,23 +132,12 @@ def convert_tensors(tensors: dict[str, torch.Tensor], layers: dict, dtype: torch
     return out
 
 
-def export_compressed_tensors(src: Path, dest: Path, dtype: str = "auto", overwrite: bool = False, log=print) -> dict:
-    """Write DEST (atomically, via DEST.partial) from the llmq checkpoint SRC. Returns a summary."""
-    src, dest = Path(src), Path(dest)
-    cfg_path = src / "config.json"
-    if not cfg_path.is_file():
-        raise InputError(f"{src} is not a checkpoint folder (no config.json)")
-    config = json.loads(cfg_path.read_text())
-    qc = config.get("quantization_config") or {}
-    if qc.get("quant_method") != "llmq":
-        raise InputError(f"{src} is not an llmq checkpoint (quantization_config.quant_method is {qc.get('quant_method')!r})")
+def write(ckpt: Checkpoint, work: Path, dtype: str = "auto", log=print) -> dict:
+    """Write the compressed-tensors model of the (validated) llmq checkpoint CKPT into the empty folder WORK
+    (llmq.export.export_checkpoint checks the destination and renames WORK into place). Returns a summary."""
+    src, config, layers = ckpt.folder, ckpt.config, ckpt.layers
     if dtype != "auto" and dtype not in DTYPES:
         raise InputError(f"--dtype must be auto, fp16, bf16 or fp32, got {dtype!r}")
-    if dest.exists() and not overwrite:
-        raise InputError(f"output folder {dest} exists (pass --overwrite to replace it)")
-    if dest.resolve() == src.resolve():
-        raise InputError("output folder must differ from the checkpoint folder")
-    layers = qc["layers"]
     bits, group_size = check_exportable(layers)
 
     linears = set(linear_module_names(config))
@@ -156,13 +148,7 @@ def export_compressed_tensors(src: Path, dest: Path, dtype: str = "auto", overwr
 
     target = DTYPES.get(dtype)
     model_dtype = target or getattr(torch, config.get("dtype") or config.get("torch_dtype") or "float32")
-    shards = sorted(src.glob("*.safetensors"))
-    if not shards:
-        raise InputError(f"no *.safetensors files in {src}")
-
-    work = dest.with_name(f".{dest.name}.partial")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    shards = sorted({t.file for t in ckpt.tensors.values()})  # those the index names, each checked complete
     weight_map, total, rounded = {}, 0, 0
     for shard in shards:
         with safe_open(shard, framework="pt") as f:
@@ -185,9 +171,6 @@ def export_compressed_tensors(src: Path, dest: Path, dtype: str = "auto", overwr
         config["dtype"] = TORCH_DTYPE_NAMES[target]
     config["quantization_config"] = quantization_config(bits, group_size, ignore)
     (work / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    if dest.exists():
-        shutil.rmtree(dest)
-    work.rename(dest)
     summary = {"layers": len(layers), "bits": bits, "group_size": group_size, "ignore": ignore,
                "scale_dtype": TORCH_DTYPE_NAMES.get(model_dtype, str(model_dtype)), "scales_rounded": rounded,
                "bytes": total}

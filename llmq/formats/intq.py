@@ -3,7 +3,8 @@ per group of `group_size` consecutive input features.
 
 A group size that does not divide the row gives a shorter last group (as the reference GPTQ code
 does); `group_size = 0` means one group per output channel. `g_idx` (optional) maps each input
-column to its group, for act-order checkpoints; without it, column j belongs to group j // g.
+column to its group, for act-order without static groups; without it, column j belongs to group j // g.
+No llmq method writes one: GPTQ's act-order uses static groups, so its codes keep the plain layout.
 
 On disk, per linear layer `p`:
     p.qweight  int32 [out, ceil(in*bits/32)]   codes, dense bit-packed along the input dim

@@ -21,7 +21,7 @@ import torch
 from ..formats.lut import LutQuantized
 from .grids import nf4_table
 from .lut_common import expand, fp16_scale, group_reduce
-from .options import FLAG, check_options, integer
+from .options import FLAG, integer
 
 
 def nearest_rows(u: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -74,11 +74,8 @@ def any4_quantize(w: torch.Tensor, H: torch.Tensor | None = None, group_size: in
 class Any4:
     name = "any4"
     needs_hessian = False  # weighted by activation statistics when calibration is given; unweighted without
-    uses_bits = False  # always 4-bit (16 values per row)
-
-    @staticmethod
-    def check_options(options: dict, where: str) -> None:
-        check_options(options, where, {"iters": integer(1, 1000), "weighted": FLAG})
+    uses_fields = frozenset({"group_size"})  # always 4-bit (16 values per row)
+    options_schema = {"iters": integer(1, 1000), "weighted": FLAG}
 
     def quantize(self, weight: torch.Tensor, spec, hessian=None) -> LutQuantized:
         o = spec.options

@@ -25,7 +25,7 @@ import torch
 
 from ..formats.billm import BLOCK, BillmQuantized, billm_bits
 from ..formats.bitplanes import EMPTY_SLOT
-from .options import DAMP, FLAG, check_options, integer, number
+from .options import DAMP, FLAG, integer, number, optional
 from .feedback import block_feedback, cholesky_factor, refit_bases
 from .gptq import one_thread
 
@@ -145,11 +145,9 @@ def _billm(w, H, max_bpw, salient_max, sparse, damp, refit, block) -> BillmQuant
 class BiLLM:
     name = "billm"
     needs_hessian = True
-    uses_bits = False
-
-    @staticmethod
-    def check_options(options: dict, where: str) -> None:
-        check_options(options, where, {"max_bpw": number(1.0, 16.0), "salient_max": integer(0, 128), "sparse_per_block": integer(0, 64), "damp": DAMP, "refit": FLAG})  # the format fixes the bits; --bits does not apply
+    uses_fields: frozenset = frozenset()  # the format fixes the bits and its 128-column blocks; max_bpw is the budget
+    options_schema = {"max_bpw": number(1.0, 16.0), "salient_max": optional(integer(0, 128)),  # null: searched
+                      "sparse_per_block": optional(integer(0, 64)), "damp": DAMP, "refit": FLAG}
 
     def quantize(self, weight: torch.Tensor, spec, hessian=None) -> BillmQuantized:
         o = spec.options

@@ -30,7 +30,7 @@ from ..codebooks.e8p import DIM, GAUSS_RESID, GAUSS_RMS, STAGES, rvq_encode
 from ..errors import InputError
 from ..formats.e8p import E8PQuantized, check_shape
 from .gptq import inverse_hessian_cholesky, one_thread
-from .options import DAMP, FLAG, check_options, number
+from .options import DAMP, FLAG, number
 
 SEARCH_GRID = (0.8, 0.9, 1.0, 1.1, 1.25)
 LAZY = 128  # feedback from earlier super-blocks is applied LAZY columns at a time (one matmul), as GPTQ's lazy batches
@@ -142,10 +142,8 @@ def e8p_quantize(w: torch.Tensor, H: torch.Tensor | None = None, bits: int = 2, 
 class E8P:
     name = "e8p"
     needs_hessian = False  # BlockLDLQ with calibration data; nearest-codeword rounding without
-
-    @staticmethod
-    def check_options(options: dict, where: str) -> None:
-        check_options(options, where, {"damp": DAMP, "scale": number(0.05, 20.0), "scale_search": FLAG})
+    uses_fields = frozenset({"bits"})  # one scale per layer: no groups, no zero point
+    options_schema = {"damp": DAMP, "scale": number(0.05, 20.0), "scale_search": FLAG}
 
     @staticmethod
     def check_spec(spec, where: str) -> None:

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 import torch
 
 from ..formats.intq import IntQuantized
+from .options import COMMON_FIELDS, DAMP, FLAG, integer
 from .rtn import find_scales
 
 
@@ -197,6 +198,8 @@ ACT_ORDER_DEFAULT = True
 class GPTQ:
     name = "gptq"
     needs_hessian = True
+    uses_fields = frozenset(COMMON_FIELDS)
+    options_schema = {"act_order": FLAG, "damp": DAMP, "block_size": integer(1, 1 << 20), "fp64": FLAG}
 
     def quantize(self, weight: torch.Tensor, spec, hessian=None) -> IntQuantized:
         if hessian is None:

@@ -38,7 +38,7 @@ import torch
 from ..formats.lut import LutQuantized, code_count
 from .grids import gaussian_grid, nearest_1d, nearest_2d
 from .lut_common import check_group_size_even, expand, fp16_scale, group_reduce, group_sum
-from .options import FLAG, check_options, integer
+from .options import FLAG, choice, integer, optional
 
 HIGGS_BITS = (2, 3, 4)
 
@@ -125,12 +125,10 @@ def higgs_quantize(w: torch.Tensor, bits: int = 4, group_size: int = 128, dim: i
 class HIGGS:
     name = "higgs"
     needs_hessian = False
-
-    @staticmethod
-    def check_options(options: dict, where: str) -> None:
-        check_options(options, where, {"dim": (lambda v: v in (1, 2), "1 or 2"), "rotate": FLAG, "seed": integer(0, 2**31 - 1),
-                                       "scale": (lambda v: v in ("rms", "mse"), "rms or mse"),
-                                       "hadamard_size": integer(2, 1 << 20), "column_scale": FLAG})
+    uses_calibration = False  # weights alone: --calib auto skips the calibration forward
+    uses_fields = frozenset({"bits", "group_size"})  # Gaussian grids: symmetric, no clipping search
+    options_schema = {"dim": choice(1, 2), "rotate": FLAG, "seed": integer(0, 2**31 - 1), "scale": choice("rms", "mse"),
+                      "hadamard_size": optional(integer(2, 1 << 20)), "column_scale": FLAG}
 
     @staticmethod
     def check_spec(spec, where: str) -> None:

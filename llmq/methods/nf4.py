@@ -14,7 +14,6 @@ import torch
 from ..formats.lut import LutQuantized
 from .grids import nearest_1d, nf4_table
 from .lut_common import expand, fp16_scale, group_reduce
-from .options import check_options
 
 
 def nf4_quantize(w: torch.Tensor, group_size: int = 64) -> LutQuantized:
@@ -29,12 +28,10 @@ def nf4_quantize(w: torch.Tensor, group_size: int = 64) -> LutQuantized:
 class NF4:
     name = "nf4"
     needs_hessian = False
-    uses_bits = False  # always 4-bit
+    uses_calibration = False  # weights alone: --calib auto skips the calibration forward
+    uses_fields = frozenset({"group_size"})  # always 4-bit, a fixed symmetric table
+    options_schema: dict = {}
     default_group_size = 64
-
-    @staticmethod
-    def check_options(options: dict, where: str) -> None:
-        check_options(options, where, {})
 
     def quantize(self, weight: torch.Tensor, spec, hessian=None) -> LutQuantized:
         return nf4_quantize(weight, spec.group_size)

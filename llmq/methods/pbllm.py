@@ -19,7 +19,7 @@ import torch
 from ..formats.bitplanes import EMPTY_SLOT
 from ..formats.intq import default_group_index, n_groups
 from ..formats.pbllm import BLOCK, PbllmQuantized
-from .options import DAMP, FLAG, check_options, integer, number
+from .options import DAMP, FLAG, number
 from .feedback import cholesky_factor, column_feedback, refit_groups
 
 FP16_TINY = 2.0**-24
@@ -81,11 +81,8 @@ def pbllm_quantize(w: torch.Tensor, H: torch.Tensor | None, salient_ratio: float
 class PBLLM:
     name = "pbllm"
     needs_hessian = True
-    uses_bits = False
-
-    @staticmethod
-    def check_options(options: dict, where: str) -> None:
-        check_options(options, where, {"salient_ratio": number(0.0, 1.0), "damp": DAMP, "refit": FLAG})
+    uses_fields = frozenset({"group_size"})  # binary + 8-bit salient weights: no bits choice
+    options_schema = {"salient_ratio": number(0.0, 1.0), "damp": DAMP, "refit": FLAG}
 
     def quantize(self, weight: torch.Tensor, spec, hessian=None) -> PbllmQuantized:
         o = spec.options

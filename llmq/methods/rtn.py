@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..formats.intq import IntQuantized, default_group_index, n_groups
+from .options import COMMON_FIELDS
 
 FP16_MAX, FP16_TINY = 65504.0, 2.0**-24
 
@@ -97,6 +98,9 @@ def rtn_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool, mse_cli
 class RTN:
     name = "rtn"
     needs_hessian = False
+    uses_calibration = False  # weights alone: --calib auto skips the calibration forward
+    uses_fields = frozenset(COMMON_FIELDS)
+    options_schema: dict = {}
 
     def quantize(self, weight: torch.Tensor, spec, hessian=None) -> IntQuantized:
         return rtn_quantize(weight, spec.bits, spec.group_size, spec.sym, spec.mse_clip)

@@ -16,7 +16,7 @@ import torch
 
 from ..formats.intq import default_group_index
 from ..formats.ternary import TernaryQuantized
-from .options import DAMP, FLAG, check_options, integer, number
+from .options import DAMP, FLAG, choice
 from .feedback import cholesky_factor, column_feedback, refit_groups
 
 FP16_TINY = 2.0**-24
@@ -88,11 +88,8 @@ def ternary_quantize(w: torch.Tensor, H: torch.Tensor | None = None, group_size:
 class Ternary:
     name = "ternary"
     needs_hessian = False  # data-free without calibration (plain ternarization); GPTQ feedback with it
-    uses_bits = False
-
-    @staticmethod
-    def check_options(options: dict, where: str) -> None:
-        check_options(options, where, {"threshold": (lambda v: v in ("absmean", "mse"), "absmean or mse"), "feedback": FLAG, "refit": FLAG, "damp": DAMP})
+    uses_fields = frozenset({"group_size"})  # 1.58 bits, one scale per group
+    options_schema = {"threshold": choice("absmean", "mse"), "feedback": FLAG, "refit": FLAG, "damp": DAMP}
 
     def quantize(self, weight: torch.Tensor, spec, hessian=None) -> TernaryQuantized:
         o = spec.options

@@ -35,7 +35,7 @@ from ..formats.vq import (CODEBOOK_DTYPES, MAX_INDEX_BITS, VQ_DIMS, VQQuantized,
                           n_codebooks, round_codebooks)
 from .feedback import cholesky_factor
 from .gptq import one_thread
-from .options import DAMP, FLAG, check_options, integer
+from .options import DAMP, FLAG, choice, integer
 
 SCORE_ELEMENTS = 1 << 24  # distance matrices are computed in chunks of about this many entries
 
@@ -302,20 +302,36 @@ def layer_options(bits: int, options: dict) -> dict:
 class VQ:
     name = "vq"
     needs_hessian = False  # H = I without calibration data
+    uses_fields = frozenset({"bits"})  # bits per weight = index bits / dim; codebooks, not groups
+    options_schema = {
+        "dim": choice(*VQ_DIMS),
+        "index_bits": integer(1, MAX_INDEX_BITS),
+        "rows_per_codebook": integer(0, 1 << 30),
+        "codebook_dtype": choice(*CODEBOOK_DTYPES),
+        "kmeans_iters": integer(0, 1000),
+        "kmeans_sample": integer(0, 1 << 40),
+        "update_iters": integer(0, 1000),
+        "seed": integer(0, 2**31 - 1),
+        "feedback": FLAG, "update": FLAG, "damp": DAMP, "block_size": integer(8, 4096),
+    }
 
     @staticmethod
-    def check_options(options: dict, where: str) -> None:
-        check_options(options, where, {
-            "dim": (lambda v: v in VQ_DIMS, "2, 4 or 8"),
-            "index_bits": integer(1, MAX_INDEX_BITS),
-            "rows_per_codebook": integer(0, 1 << 30),
-            "codebook_dtype": (lambda v: v in CODEBOOK_DTYPES, "fp16 or int8"),
-            "kmeans_iters": integer(0, 1000),
-            "kmeans_sample": integer(0, 1 << 40),
-            "update_iters": integer(0, 1000),
-            "seed": integer(0, 2**31 - 1),
-            "feedback": FLAG, "update": FLAG, "damp": DAMP, "block_size": integer(8, 4096),
-        })
+    def check_spec(spec, where: str) -> None:
+        try:  # bits x dim must fit the index bits: refused before any work
+            layer_options(spec.bits, spec.options)
+        except InputError as e:
+            raise InputError(f"{where}: {e}") from None
+
+    @staticmethod
+    def check_layer(spec, out_features: int, in_features: int, where: str) -> None:
+        """From the layer's shape, before any work: k-means with more centroids than vectors to fit is
+        meaningless and slow (8-bit indices, d = 2, on a small layer ran for minutes)."""
+        kw = layer_options(spec.bits, spec.options)
+        rows = min(kw.get("rows_per_codebook") or out_features, out_features)
+        vectors, centroids = rows * in_features // kw["dim"], 1 << kw["index_bits"]
+        if vectors < centroids:
+            raise InputError(f"{where}: vq with {kw['index_bits']}-bit indices fits {centroids:,} centroids to only {vectors:,} "
+                             "vectors per codebook; use fewer bits or more rows_per_codebook")
 
     def quantize(self, weight: torch.Tensor, spec, hessian=None) -> VQQuantized:
         return vq_quantize(weight, hessian, **layer_options(spec.bits, spec.options))

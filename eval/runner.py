@@ -108,7 +108,7 @@ def evaluate_model(model_path: str, opts: EvalOptions, progress, log=lambda m: N
     """All tasks on one model; `progress()` is a context manager yielding a rich Progress."""
     from llmq.loading import load_causal_lm
 
-    from .compare import bits_per_weight
+    from .compare import bits_per_weight, model_method
     from .kl import kl_divergence
     from .perplexity import perplexity
     from .zeroshot import evaluate_zeroshot
@@ -117,7 +117,7 @@ def evaluate_model(model_path: str, opts: EvalOptions, progress, log=lambda m: N
     dd = resolve_data_dir(opts.data_dir)
     windows = any(t in PPL_TASKS or t == "kl" for t in opts.tasks)
     model, tok, kind = load_causal_lm(model_path, opts.torch_dtype, seqlen=opts.seqlen if windows else None)
-    res: dict = {"kind": kind, "bpw": bits_per_weight(model_path)}
+    res: dict = {"kind": kind, "method": model_method(model_path), "bpw": bits_per_weight(model_path)}
     name = Path(model_path).name or model_path
     for t in opts.tasks:
         with progress() as p:

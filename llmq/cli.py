@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
@@ -50,6 +51,19 @@ def guarded(fn):
             raise typer.Exit(1)
 
     return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        print(f"llmq {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the llmq version and exit.")] = False):
+    """llmq: post-training weight quantization for LLMs."""
 
 
 def _progress() -> Progress:
@@ -96,38 +110,46 @@ def quantize(
     _print_quantize_summary(report, output, verbose)
 
 
-def _print_quantize_summary(report: dict, output: Path, verbose: bool) -> None:
+def _compact_table(**kw) -> Table:
+    """A table that fits 80 columns: no frame, one space between columns, two-line headers given explicitly, and
+    cells that fold onto a second line, never cut with "…", when the terminal is narrower still."""
+    return Table(box=box.SIMPLE_HEAD, show_edge=False, padding=0, **kw)
+
+
+def _print_quantize_summary(report: dict, output: Path, verbose: bool, console: Console | None = None) -> None:
     from .inspect_ckpt import inspect_checkpoint
 
+    console = console or out
     info = inspect_checkpoint(str(output))
     rows = report["layers"]
     has_out = any(r["output_err"] is not None for r in rows)
     has_rtn = any(r.get("rtn_output_err") is not None for r in rows)
-    t = Table(title=f"llmq quantize -> {output}")
-    for col in ["layer" if verbose else "layer type", "layers", "method", "bits", "group", "bits/weight", "weight err", "output err" if has_out else None,
-                "RTN output err" if has_rtn else None, "time (s)"]:
+    t = _compact_table(title=f"llmq quantize -> {output}")
+    for col in ["layer" if verbose else "layer type", None if verbose else "layers", "method", "bits", "group",
+                "bits/\nweight", "weight\nerr", "output\nerr" if has_out else None, "RTN out\nerr" if has_rtn else None,
+                "time\n(s)"]:
         if col:
-            t.add_column(col, justify="left" if col.startswith("layer") and col != "layers" else "right")
+            t.add_column(col, justify="left" if col in ("layer", "layer type") else "right", overflow="fold")
     groups = defaultdict(list)
     for r in rows:
         key = r["layer"] if verbose else r["layer"].split(".")[-1]
         groups[key].append(r)
     for key, rs in groups.items():
         mean = lambda k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
-        cells = [key, str(len(rs)), rs[0]["method"], str(rs[0]["bits"]), str(rs[0]["group_size"]) + ("" if rs[0]["sym"] else " asym"),
-                 f"{mean('bpw'):.3f}", f"{mean('weight_err'):.2e}"]
+        cells = [key, None if verbose else str(len(rs)), rs[0]["method"], str(rs[0]["bits"]),
+                 str(rs[0]["group_size"]) + ("" if rs[0]["sym"] else " asym"), f"{mean('bpw'):.3f}", f"{mean('weight_err'):.2e}"]
         if has_out:
             cells.append(f"{mean('output_err'):.2e}")
         if has_rtn:
             cells.append(f"{mean('rtn_output_err'):.2e}" if all(r.get("rtn_output_err") is not None for r in rs) else "-")
         cells.append(f"{sum(r['seconds'] for r in rs):.1f}")
-        t.add_row(*cells)
-    out.print(t)
+        t.add_row(*(c for c in cells if c is not None))
+    console.print(t)
     err_note = "weight err = ‖W−Q‖²/‖W‖²" + ("; output err = ‖WX−QX‖²/‖WX‖² on the calibration inputs" if has_out else "")
     if has_rtn:
-        err_note += "; RTN output err = the same for round-to-nearest on the same layer, inputs and grid"
-    out.print(f"{'mean over layers of each type; ' if not verbose else ''}{err_note}")
-    out.print(
+        err_note += "; RTN out err = the same for round-to-nearest on the same layer, inputs and grid"
+    console.print(f"{'mean over layers of each type; ' if not verbose else ''}{err_note}")
+    console.print(
         f"quantized linear layers: {info['quantized_bytes']:,} B for {info['quantized_weights']:,} weights = "
         f"{info['quantized_bpw']:.3f} bits/weight; checkpoint total {info['total_file_bytes']:,} B; "
         f"time {report['seconds']:.1f} s"
@@ -204,9 +226,9 @@ def inspect(
     out.print(f"[bold]{checkpoint}[/bold]  format v{info['format_version']}")
     out.print(f"recipe: {json.dumps(info['recipe'])}")
     out.print(f"calibration: {json.dumps(info['calibration'])}")
-    t = Table()
-    for col in ("layer", "method", "format", "bits", "group", "shape (out x in)", "bytes", "bits/weight"):
-        t.add_column(col, justify="left" if col in ("layer", "method", "format") else "right")
+    t = _compact_table()
+    for col in ("layer", "method", "format", "bits", "group", "shape\nout x in", "bytes", "bits/\nweight"):
+        t.add_column(col, justify="left" if col in ("layer", "method", "format") else "right", overflow="fold")
     for r in info["layers"]:
         t.add_row(r["layer"], r["method"], r["format"], str(r["bits"]), str(r["group_size"]) + ("" if r["sym"] else " asym"),
                   f"{r['out_features']}x{r['in_features']}", f"{r['bytes']:,}", f"{r['bpw']:.3f}")

@@ -11,7 +11,10 @@
    weights with the scales set, then its state dict and `update_config`, compared tensor by tensor (name,
    dtype, shape, bytes) and config by config with DEST.
 
-    python scripts/check_ct_export.py [--llmq out/smollm2-w4g64] [--dest out/smollm2-w4g64-ct] [--limit 8]
+llmq's side runs its reference decode (LLMQ_KERNELS=torch), which the export must match bit for bit (the fused CPU
+kernels round activations to bf16). --append adds the report as a section of the existing one instead of replacing it.
+
+    python scripts/check_ct_export.py [--llmq out/smollm2-w4g64] [--dest out/smollm2-w4g64-ct] [--limit 8] [--append]
 """
 
 from __future__ import annotations
@@ -95,7 +98,8 @@ def ct_reference(llmq_dir: Path, dest: Path) -> dict:
     qcfg = QuantizationConfig.model_validate({**ours_cfg, "quantization_status": "frozen"})
     hf_cfg = AutoConfig.from_pretrained(dest)
     del hf_cfg.quantization_config
-    dense = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
+    # in the export's dtype, as compressed-tensors would have saved that model (GGUF sources keep fp16 tensors)
+    dense = AutoModelForCausalLM.from_config(hf_cfg, dtype=getattr(torch, json.loads((dest / "config.json").read_text()).get("dtype") or "float32"))
     sd = {k: v for k, v in qmodel.state_dict().items() if k.rpartition(".")[0] not in layers}
     for name, m in layers.items():
         sd[f"{name}.weight"] = m.dequantize()
@@ -136,6 +140,7 @@ def llmq_logits(llmq_dir: Path, data: Path, seqlen: int):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    os.environ["LLMQ_KERNELS"] = "torch"  # the reference decode (see the module docstring)
     import llmq  # noqa: F401
     from llmq.eval.perplexity import eval_text
 
@@ -153,9 +158,11 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=8)
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--report", type=Path, default=REPO / "reports" / "ct_export.md")
+    ap.add_argument("--made-by", help="the command that made an existing --llmq checkpoint (for the report)")
+    ap.add_argument("--append", action="store_true", help="add a section to REPORT instead of replacing it")
     args = ap.parse_args()
     data = SHARED / "data"
-    env = {**os.environ, "LLMQ_DATA_DIR": str(data), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "LLMQ_DATA_DIR": str(data), "HF_HUB_OFFLINE": "1", "LLMQ_KERNELS": "torch"}
     cmds = []
     made = not (args.llmq / "config.json").is_file()
     if not (args.llmq / "config.json").is_file():
@@ -191,21 +198,23 @@ def main() -> None:
     def size(p: Path) -> int:
         return sum(f.stat().st_size for f in p.glob("*.safetensors"))
 
+    method = f"{recipe['method'].upper()} " if recipe and recipe.get("method") != "rtn" else ""
+    ao = " act-order" if recipe and recipe.get("method") == "gptq" and recipe.get("options", {}).get("act_order", True) else ""
     ok = (abs(child["ppl"] - llmq_eval["ppl"]) < 1e-6 * llmq_eval["ppl"] and not ref["tensors_differing"]
           and ref["pack_to_int32_equal"] == ref["layers"] and ref["config_equal_parsed"])
     lines = [
-        "# compressed-tensors export of SmolLM2-135M (4-bit, group 64, symmetric)",
+        f"# compressed-tensors export of SmolLM2-135M ({method}4-bit, group 64, symmetric{ao})",
         "",
         f"Produced by `python {' '.join(sys.argv)}` (`scripts/check_ct_export.py`). Verdict: **{'PASS' if ok else 'FAIL'}**.",
         "",
         "Commands:",
         "",
         "```",
-        *[" ".join(map(str, c)) for c in cmds],
+        *[("LLMQ_KERNELS=torch " if c[1] == "eval" else "") + " ".join(map(str, c)) for c in cmds],
         "```",
         "",
         f"The llmq checkpoint's recipe: `{json.dumps(recipe)}`; calibration: `{json.dumps(calib)}`"
-        + (" (made by the first command above)." if made else f" (made earlier by `llmq quantize {MODEL} -o {args.llmq} --bits 4 --group-size 64 --sym --nsamples 16 --seqlen 512`)."),
+        + (" (made by the first command above)." if made else f" (made earlier by `{args.made_by or f'llmq quantize {MODEL} -o {args.llmq} --bits 4 --group-size 64 --sym --nsamples 16 --seqlen 512'}`)."),
         "",
         f"`llmq export` output: {' '.join(exp.stdout.split())} ({export_s:.1f} s)",
         "",
@@ -243,6 +252,9 @@ def main() -> None:
         "what vLLM's `CompressedTensorsWNA16` reads (see ../shared/research/integration.md §2.3).",
     ]
     args.report.parent.mkdir(parents=True, exist_ok=True)
+    if args.append:  # one heading level down, after what is there
+        lines = [f"#{l}" if l.startswith("#") else l for l in lines]
+        lines = [args.report.read_text().rstrip("\n"), "", *lines]
     args.report.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     sys.exit(0 if ok else 1)

@@ -91,6 +91,7 @@ def test_cli_zeroshot_compare_and_plot(tiny_model, tmp_path):
         assert 0 <= res[m]["piqa"]["acc"] <= 1 and "acc_norm" in res[m]["piqa"] and res[m]["piqa"]["n"] == 4
         assert "acc_norm" not in res[m]["winogrande"] and res[m]["lambada"]["ppl"] > 1
     assert res[str(q)]["bpw"] == pytest.approx(4 + 16 / 32, abs=0.01) and res[str(tiny_model)]["bpw"] == 32
+    assert res[str(q)]["method"] == "rtn" and res[str(tiny_model)]["method"] == "fp"  # the plot's series
     assert "| model | bits/weight |" in r.output and "piqa acc" in r.output and "4/1838 items" in r.output
     assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
     # --compare from stored results only, no model loaded

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 import llmq  # noqa: F401  (loads the llmq checkpoint for comparison)
 from llmq.cli import app
 from llmq.errors import InputError
+from llmq.eval.compare import bits_per_weight
 from llmq.export.compressed_tensors import check_exportable
 from llmq.modules import LlmqLinear
 
@@ -26,6 +27,13 @@ runner = CliRunner()
 
 def cli(*args):
     return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(autouse=True)
+def _reference_decode(monkeypatch):
+    # llmq's side on its reference decode + F.linear, which the export must match bit for bit (the fused CPU
+    # kernels round activations to bf16: llmq.kernels.cpu)
+    monkeypatch.setenv("LLMQ_KERNELS", "torch")
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +115,9 @@ def test_gptq_act_order_exports_and_loads_without_llmq(tiny_model, tmp_path):
     with torch.no_grad():
         ours = llmq_model(torch.arange(3, 40)[None]).logits
     assert torch.equal(torch.load(tmp_path / "logits.pt"), ours)
+    # `llmq eval --compare` counts the stored bits of both: 4-bit codes + one scale per 32 weights (fp16; fp32 in the export)
+    assert bits_per_weight(str(q)) == 4 + 16 / 32 and bits_per_weight(str(dest)) == 4 + 32 / 32
+
 
 def test_export_refuses_what_the_format_cannot_hold(tiny_model, tmp_path):
     base = {"format": "int", "bits": 4, "group_size": 32, "sym": True, "act_order": False, "in_features": 96, "out_features": 96}

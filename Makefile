@@ -1,5 +1,6 @@
-# llmq developer tasks. SHARED defaults to the assets folder beside the checkout.
-SHARED ?= ../shared
+# llmq developer tasks. SHARED defaults to the assets folder beside the checkout (absolute: check-wheel
+# runs from a temporary folder).
+SHARED ?= $(abspath ../shared)
 MODEL ?= $(SHARED)/models/smollm2-135m-instruct-q4_1
 export LLMQ_DATA_DIR ?= $(SHARED)/data
 export HF_HUB_OFFLINE ?= 1

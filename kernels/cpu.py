@@ -24,6 +24,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from .dispatch import KERNEL_DTYPES
 from .reference import group_index, unpack_codes
 
 INT4_GROUPS = (256, 128, 64, 32)  # the group sizes _weight_int4pack_mm_for_cpu takes
@@ -31,9 +32,9 @@ ONE_THREAD_WORK = 1 << 24  # multiply-adds up to which a fused call runs on one 
 
 
 def use_cpu_path(x: torch.Tensor) -> bool:
-    """The fast path: CPU activations, LLMQ_KERNELS auto (`torch` keeps the reference), no autograd (the fused
-    kernels have no derivative)."""
-    return (x.device.type == "cpu" and x.dtype.is_floating_point and os.environ.get("LLMQ_KERNELS", "auto") == "auto"
+    """The fast path: CPU fp32/fp16/bf16 activations, LLMQ_KERNELS auto (`torch` keeps the reference), no autograd
+    (the fused kernels have no derivative)."""
+    return (x.device.type == "cpu" and x.dtype in KERNEL_DTYPES and os.environ.get("LLMQ_KERNELS", "auto") == "auto"
             and not (x.requires_grad and torch.is_grad_enabled()))
 
 

@@ -72,7 +72,8 @@ class QuantizeJob:
             "model_files": files_fingerprint([*weights, *config, *source.tokenizer_files()]),
             "recipe": self.recipe.to_dict(),
             "calib": self.calib.to_dict(),
-            "calib_data_dir": str(data_dir(self.calib.data_dir) or ""),
+            # only when calibrating: a data-free run neither reads nor checks the data folder
+            "calib_data_dir": str(data_dir(self.calib.data_dir) or "") if ids is not None else "",
             # the calibration windows themselves: covers a --calib file's contents, the data folder, the tokenizer
             "calib_samples": hashlib.blake2b(ids.numpy().tobytes(), digest_size=16).hexdigest() if ids is not None else None,
             "batch_size": self.batch_size,

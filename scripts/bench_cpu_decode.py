@@ -2,8 +2,8 @@
 fixed prompt (use_cache=True) on the shared SmolLM2-135M, --threads torch threads. Each model runs in its own
 subprocess (peak RSS from resource.getrusage, so one model's memory never counts against another's): load, one
 forward (builds the layers' CPU state, llmq.kernels.cpu), a warm-up generation, then --repeats timed generations,
-median reported. The machine is shared, so every quantized model is timed right after its own fp run and the ratio of
-that pair is the result. Checkpoints are made with `llmq quantize` (data-free where the method allows) and kept under
+median reported. The machine is shared, so every quantized model is timed between two fp runs and its ratio is to their
+mean. Checkpoints are made with `llmq quantize` (data-free where the method allows) and kept under
 --work; results accumulate in reports/bench_cpu_decode.json (finished runs are skipped) and reports/bench_cpu_decode.md.
 
     python scripts/bench_cpu_decode.py [--runs rtn-w4g64,nf4-g64,...] [--threads 2 --tokens 64 --repeats 3]
@@ -102,6 +102,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=REPO / "reports" / "bench_cpu_decode")
+    ap.add_argument("--note", help="a remark to keep in the report (e.g. why a format is slower than fp)")
     ap.add_argument("--measure", help=argparse.SUPPRESS)  # internal: measure one model in this process
     a = ap.parse_args()
     if a.measure:
@@ -110,7 +111,10 @@ def main():
     setup_env(a.threads)
     proto = {"tokens": a.tokens, "repeats": a.repeats, "threads": a.threads, "prompt": PROMPT, "cpus": os.cpu_count()}
     results = load_results(a.out.with_suffix(".json"), proto)
+    if a.note:
+        results["note"] = a.note
     a.work.mkdir(parents=True, exist_ok=True)
+    last_fp = None
     for key in a.runs.split(","):
         if key in results["runs"]:
             continue
@@ -123,13 +127,17 @@ def main():
                 p = subprocess.run(cmd, capture_output=True, text=True)
                 if p.returncode != 0:
                     sys.exit(f"{' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
-            fp = run_measure(a.model, a)  # back to back: the pair sees the same load on the shared cores
+            # fp runs right before and after (the one after is the next run's before): a drift in the shared cores'
+            # load between them hits both sides of the ratio alike
+            fp = last_fp or run_measure(a.model, a)
             q = run_measure(ckpt, a)
-        results["runs"][key] = {"what": what, "command": " ".join(cmd), "fp": fp, "quant": q,
-                                "ratio": q["tokens_per_s"] / fp["tokens_per_s"],
+            last_fp = run_measure(a.model, a)
+        fp_tps = (fp["tokens_per_s"] + last_fp["tokens_per_s"]) / 2
+        results["runs"][key] = {"what": what, "command": " ".join(cmd), "fp_before": fp, "fp_after": last_fp,
+                                "fp_tokens_per_s": fp_tps, "quant": q, "ratio": q["tokens_per_s"] / fp_tps,
                                 "checkpoint_bytes": sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))}
         save_report(results, a.out, write_md)
-        print(f"{key}: {q['tokens_per_s']:.2f} tok/s vs fp {fp['tokens_per_s']:.2f} ({results['runs'][key]['ratio']:.2f}x), "
+        print(f"{key}: {q['tokens_per_s']:.2f} tok/s vs fp {fp_tps:.2f} ({results['runs'][key]['ratio']:.2f}x), "
               f"peak RSS {q['peak_rss_bytes'] / 1e6:.0f} MB vs {fp['peak_rss_bytes'] / 1e6:.0f} MB", flush=True)
     save_report(results, a.out, write_md)
 
@@ -139,18 +147,18 @@ def write_md(results: dict, path: Path) -> None:
     lines = ["# CPU decode speed: llmq checkpoints vs the fp model (SmolLM2-135M-Instruct, fp32 activations)", "",
              f"Greedy generation of {pr['tokens']} tokens (use_cache=True) from \"{pr['prompt']}\", {pr['threads']} torch "
              f"threads on a {pr['cpus']}-core CPU shared with other jobs; median of {pr['repeats']} runs after a warm-up, each "
-             "model in its own process. Each quantized model was timed right after an fp run, and the ratio is that pair's "
-             "(the fp column varies with the machine's load). Peak RSS: the process's maximum resident memory (load "
-             "included; the fp model is a GGUF dequantized to fp32 at load). CPU state: what the quantized layers keep for "
+             "model in its own process. Each quantized model was timed between two fp runs; fp tok/s is their mean and "
+             "the ratio is to it (the fp column varies with the machine's load). Peak RSS: the process's maximum resident "
+             "memory (load included; the fp model is a GGUF dequantized to fp32 at load). CPU state: what the quantized layers keep for "
              "CPU forwards beside the packed tensors (fused kernels' repacked codes, or the decoded dense weights); "
              "`llmq.kernels.cpu`. `python scripts/bench_cpu_decode.py`.", "",
              "| run | what | CPU path (layers) | fp tok/s | quantized tok/s | ratio | fp peak RSS MB | quantized peak RSS MB | "
              "CPU state MB | checkpoint MB |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for key, r in results["runs"].items():
-        fp, q = r["fp"], r["quant"]
+        fp, q = r["fp_before"], r["quant"]
         paths = ", ".join(f"{k} {v}" for k, v in q["paths"].items())
-        lines.append(f"| {key} | {r['what']} | {paths} | {fp['tokens_per_s']:.2f} | {q['tokens_per_s']:.2f} | "
+        lines.append(f"| {key} | {r['what']} | {paths} | {r['fp_tokens_per_s']:.2f} | {q['tokens_per_s']:.2f} | "
                      f"**{r['ratio']:.2f}×** | {fp['peak_rss_bytes'] / 1e6:.0f} | {q['peak_rss_bytes'] / 1e6:.0f} | "
                      f"{q['cpu_state_bytes'] / 1e6:.0f} | {r['checkpoint_bytes'] / 1e6:.0f} |")
     lines += ["", "Commands:", ""] + [f"- `{r['command']}`" for r in results["runs"].values()]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -205,7 +206,7 @@ def main() -> None:
     lines = [
         f"# compressed-tensors export of SmolLM2-135M ({method}4-bit, group 64, symmetric{ao})",
         "",
-        f"Produced by `python {' '.join(sys.argv)}` (`scripts/check_ct_export.py`). Verdict: **{'PASS' if ok else 'FAIL'}**.",
+        f"Produced by `python {shlex.join(sys.argv)}` (`scripts/check_ct_export.py`). Verdict: **{'PASS' if ok else 'FAIL'}**.",
         "",
         "Commands:",
         "",

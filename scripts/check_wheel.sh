@@ -15,6 +15,7 @@ py="$work/venv/bin/python"
 "$py" -m pip install -qq torch==2.13.0   # the CPU wheel; an unpinned torch would pull CUDA builds
 "$py" -m pip install -qq "$work"/dist/*.whl
 
+export LLMQ_DATA_DIR="$shared/data"   # absolute: relative paths would point elsewhere from $work
 cd "$work"   # nothing of the checkout on sys.path from here on
 "$work/venv/bin/llmq" --help >/dev/null
 "$py" "$repo/scripts/make_synthetic_llama.py" tiny --layers 2 --hidden 64 --intermediate 128 --heads 4 \

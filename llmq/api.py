@@ -4,27 +4,26 @@ place (its linear layers become `LlmqLinear`), with the same per-block code as t
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 
 from .adapters import adapter_for
-from .blocks import cast_dense_params, forward_block
 from .calib import calib_batch_size, resolve_calib_dtype
 from .formats import FORMAT_VERSION
 from .hf import LlmqConfig, LlmqHfQuantizer
 from .modules import LlmqLinear, set_submodule
-from .quantize_block import Calibration, install_quantized, quantize_block, quantize_head
+from .passes import DEFAULT_PASSES, BlockLoop
+from .quantize_block import install_quantized, quantize_head
 from .recipe import METHOD_NONE, Recipe
 from .rotation import check_sizes, residual_rotation, rotate_model_
 
 
 @torch.no_grad()
 def quantize_(model, recipe: Recipe | None = None, calib_ids: torch.Tensor | None = None, batch_size: int | None = None,
-              calib_dtype: str = "auto") -> list[dict]:
+              calib_dtype: str = "auto", passes: tuple = DEFAULT_PASSES) -> list[dict]:
     """Quantize `model` in place; returns the per-layer report rows. `calib_dtype`: the dtype the calibration
-    samples run through the blocks in (llmq.calib.resolve_calib_dtype; the same default as `llmq quantize`)."""
+    samples run through the blocks in (llmq.calib.resolve_calib_dtype; the same default as `llmq quantize`);
+    `passes`: what the block loop does to each block (llmq.passes)."""
     recipe = (recipe or Recipe()).validate()
     adapter = adapter_for(model.config)
     check_sizes(recipe, model.config, quantize_head=recipe.spec_for(adapter.head).method != METHOD_NONE)
@@ -40,20 +39,15 @@ def quantize_(model, recipe: Recipe | None = None, calib_ids: torch.Tensor | Non
         seqlen = calib_ids.shape[1]
         batch_size = calib_batch_size(batch_size, seqlen)
         pos_emb = rotary(torch.zeros(1, seqlen, 1, dtype=cdtype), torch.arange(seqlen).unsqueeze(0))
-    dtype = next(model.parameters()).dtype
+    loop = BlockLoop(adapter, recipe, next(model.parameters()).dtype, hidden, pos_emb, batch_size or 1, passes)
+    del hidden
     layers, rows = {}, []
     for i, block in enumerate(blocks):
-        prefix = adapter.block_prefix(i)
-        calib = Calibration(hidden, pos_emb, batch_size) if hidden is not None else None
-        tensors, cfgs, block_rows = quantize_block(block, prefix, adapter, recipe, dtype, calib)
-        install_quantized(block, prefix, tensors, cfgs)
-        if calib is not None and calib.output is not None:
-            hidden = calib.output  # a staged (true-sequential) pass already ran the samples through it
-        elif hidden is not None:  # through a calibration-dtype copy: the model's own block keeps its dtype
-            runner = block if cdtype == torch.float32 else cast_dense_params(copy.deepcopy(block), cdtype)
-            hidden = forward_block(runner, hidden, pos_emb, batch_size)
-        layers.update(cfgs)
-        rows.extend(block_rows)
+        done = loop.run_passes(i, block)
+        install_quantized(block, done.prefix, done.tensors, done.layer_cfgs)
+        loop.advance(block, done.output)  # not owned: the model's own block keeps its dtype
+        layers.update(done.layer_cfgs)
+        rows.extend(done.rows)
     head_spec = recipe.spec_for(adapter.head)
     if head_spec.method != METHOD_NONE:
         packed, cfg = quantize_head(model.get_submodule(adapter.head).weight, head_spec, recipe, adapter.head)

@@ -34,13 +34,14 @@ from safetensors.torch import save_file
 
 from . import __version__
 from .adapters import adapter_for
-from .blocks import BlockFactory, cast_dense_params, forward_block
+from .blocks import BlockFactory
 from .calib import DEFAULT_SEQLEN, CalibConfig, calib_batch_size, calibration_ids
 from .data import data_dir
 from .errors import InputError
 from .formats import FORMAT_VERSION
 from .hf import QUANT_METHOD
-from .quantize_block import Calibration, install_quantized, quantize_block, quantize_head
+from .passes import DEFAULT_PASSES, BlockLoop
+from .quantize_block import install_quantized, quantize_head
 from .recipe import METHOD_NONE, Recipe
 from .rotation import RotatedSource, check_sizes, residual_rotation
 from .source import ModelSource
@@ -59,6 +60,7 @@ class QuantizeJob:
     dtype: str = "auto"  # for tensors kept unquantized; auto = as the source stores them
     batch_size: int | None = None  # calibration sequences per pass; None: llmq.calib.calib_batch_size
     overwrite: bool = False
+    passes: tuple = DEFAULT_PASSES  # what the block loop does to each block, in order (llmq.passes)
 
     def fingerprint(self, source: ModelSource, ids: torch.Tensor | None) -> dict:
         """Everything that changes the result: a work folder resumes only when all of it is equal."""
@@ -78,6 +80,7 @@ class QuantizeJob:
             "calib_samples": hashlib.blake2b(ids.numpy().tobytes(), digest_size=16).hexdigest() if ids is not None else None,
             "batch_size": self.batch_size,
             "dtype": self.dtype,
+            "passes": [p.name for p in self.passes],
         }
 
 
@@ -226,33 +229,31 @@ def _quantize_blocks(job, source, adapter, factory, recipe, ids, work, out_dtype
     # test hook "I:PATH": after block I, wait until PATH exists (lets a test act while a run is mid-way)
     hold_after, _, hold_until = os.environ.get("LLMQ_DEBUG_HOLD_AFTER_BLOCK", "-1:").partition(":")
 
+    loop = BlockLoop(adapter, recipe, out_dtype, hidden, pos_emb, job.batch_size, job.passes)
+    del hidden
     task = progress.add_task("quantizing blocks", total=n_blocks) if progress else None
     for i in range(n_blocks):
         prefix = adapter.block_prefix(i)
         shard = work / shard_name(i, n_shards)
-        staged_out = None  # the quantized block's output, when quantizing computed it already
-        if shard.is_file():
+        if shard.is_file():  # finished by an earlier run of the same job
             tensors, layer_cfgs = load_shard(shard)
             block_rows = json.loads((work / f"report-{i:05d}.json").read_text())
+            output = None
         else:
             state = {k[len(prefix):]: tensors_src.get(k) for k in list(tensors_src.keys()) if k.startswith(prefix)}
             block = factory.block(i, state)
             del state
             if hasattr(tensors_src, "release"):
                 tensors_src.release(prefix)
-            calib = Calibration(hidden, pos_emb, job.batch_size) if hidden is not None else None
-            tensors, layer_cfgs, block_rows = quantize_block(block, prefix, adapter, recipe, out_dtype, calib)
-            staged_out = calib.output if calib is not None else None
-            del block, calib
+            done = loop.run_passes(i, block)
+            tensors, layer_cfgs, block_rows, output = done.tensors, done.layer_cfgs, done.rows, done.output
+            del block, done
             (work / f"report-{i:05d}.json").write_text(json.dumps(block_rows))
             save_atomic(tensors, shard, metadata={"llmq_layers": json.dumps(layer_cfgs)})
-        if staged_out is not None:
-            hidden = staged_out
-        elif hidden is not None:
-            qblock = cast_dense_params(install_quantized(factory.meta_block(i), prefix, tensors, layer_cfgs), cdtype)
-            hidden = forward_block(qblock, hidden, pos_emb, job.batch_size)
-            del qblock
-        del tensors
+        if loop.hidden is not None:
+            loop.advance(None if output is not None else install_quantized(factory.meta_block(i), prefix, tensors, layer_cfgs),
+                         output, owned=True)
+        del tensors, output
         release_memory()
         all_layers.update(layer_cfgs)
         rows.extend(block_rows)

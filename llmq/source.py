@@ -199,7 +199,9 @@ class ModelSource:
         from transformers import AutoModelForCausalLM
 
         try:
-            m = AutoModelForCausalLM.from_pretrained(self.gguf.parent, gguf_file=self.gguf.name, dtype=torch.float32)
+            # config given: transformers would otherwise parse the GGUF's metadata (the whole vocabulary) a second time
+            m = AutoModelForCausalLM.from_pretrained(self.gguf.parent, gguf_file=self.gguf.name, config=self.config,
+                                                     dtype=torch.float32)
         except (OSError, ValueError, KeyError) as e:
             raise InputError(f"cannot load GGUF file {self.gguf}: {str(e).splitlines()[0][:200]}") from None
         sd = {k: v.detach() for k, v in m.state_dict().items()}

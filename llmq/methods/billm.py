@@ -22,10 +22,13 @@ The per-row means of BiLLM's binarizer are not stored (weights are zero-centred;
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..formats.billm import BLOCK, BillmQuantized, billm_bits
 from ..formats.bitplanes import EMPTY_SLOT
+from .base import Calibration, Method, option, register
 from .options import DAMP, FLAG, integer, number, optional
 from .feedback import error_feedback, hessian_factor
 from .refit import refit_bases
@@ -150,15 +153,23 @@ def billm_quantize(w: torch.Tensor, H: torch.Tensor | None, max_bpw: float = 1.3
                           scales=scales.clamp(-65504, 65504).to(torch.float16), block=block)
 
 
-class BiLLM:
+@register
+class BiLLM(Method):
     name = "billm"
-    needs_hessian = True
+    format = "billm"
+    bit_widths = "1.3 stored (max_bpw budget)"
+    calibration = Calibration.NEEDS
     uses_fields: frozenset = frozenset()  # the format fixes the bits and its 128-column blocks; max_bpw is the budget
-    options_schema = {"max_bpw": number(1.0, 16.0), "salient_max": optional(integer(0, 128)),  # null: searched
-                      "sparse_per_block": optional(integer(0, 64)), "damp": DAMP, "refit": FLAG}
+
+    @dataclass(frozen=True)
+    class Options:
+        max_bpw: float = option(1.3, number(1.0, 16.0), "budget in stored bits per weight, everything counted")
+        salient_max: int | None = option(None, optional(integer(0, 128)), "salient columns per block at most (null: searched)")
+        sparse_per_block: int | None = option(None, optional(integer(0, 64)), "sparse slots per row and block (null: largest in budget)")
+        damp: float = option(0.01, DAMP, "Hessian damping, fraction of mean diag H")
+        refit: bool = option(True, FLAG, "refit the per-row scales by H-weighted least squares")
 
     def quantize(self, weight: torch.Tensor, spec, hessian=None) -> BillmQuantized:
-        o = spec.options
-        return billm_quantize(weight, hessian, max_bpw=float(o.get("max_bpw", 1.3)),
-                              salient_max=o.get("salient_max"), sparse=o.get("sparse_per_block"),
-                              damp=float(o.get("damp", 0.01)), refit=bool(o.get("refit", True)))
+        o = self.options(spec)
+        return billm_quantize(weight, hessian, max_bpw=float(o.max_bpw), salient_max=o.salient_max,
+                              sparse=o.sparse_per_block, damp=float(o.damp), refit=bool(o.refit))

@@ -24,12 +24,15 @@ Recipe options: damp (0.01), scale (1.0), scale_search (false).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..codebooks.e8p import DIM, GAUSS_RESID, GAUSS_RMS, STAGES, rvq_encode
 from ..errors import InputError
 from ..formats.e8p import E8PQuantized, check_shape
 from .feedback import error_feedback, hessian_factor, one_thread
+from .base import Calibration, Method, option, register
 from .options import DAMP, FLAG, number
 
 SEARCH_GRID = (0.8, 0.9, 1.0, 1.1, 1.25)
@@ -108,18 +111,25 @@ def e8p_quantize(w: torch.Tensor, H: torch.Tensor | None = None, bits: int = 2, 
     return E8PQuantized(codes=codes, scales=torch.tensor(scales, dtype=torch.float32), bits=bits)
 
 
-class E8P:
+@register
+class E8P(Method):
     name = "e8p"
-    needs_hessian = False  # BlockLDLQ with calibration data; nearest-codeword rounding without
+    format = "e8p"
+    bit_widths = "2, 3, 4"
+    calibration = Calibration.USES  # BlockLDLQ with calibration data; nearest-codeword rounding without
     uses_fields = frozenset({"bits"})  # one scale per layer: no groups, no zero point
-    options_schema = {"damp": DAMP, "scale": number(0.05, 20.0), "scale_search": FLAG}
 
-    @staticmethod
-    def check_spec(spec, where: str) -> None:
+    @dataclass(frozen=True)
+    class Options:
+        damp: float = option(0.01, DAMP, "Hessian damping, fraction of mean diag H")
+        scale: float = option(1.0, number(0.05, 20.0), "multiplier of the Gaussian-optimal codebook scale")
+        scale_search: bool = option(False, FLAG, "try several scale multipliers, keep the least proxy loss")
+
+    def check_spec(self, spec, where: str) -> None:
         if spec.bits not in STAGES:
             raise InputError(f"{where}: e8p takes --bits 2, 3 or 4 (E8P, E8P + 1-bit E8, E8P + E8P), got {spec.bits!r}")
 
     def quantize(self, weight: torch.Tensor, spec, hessian=None) -> E8PQuantized:
-        o = spec.options
-        return e8p_quantize(weight, hessian, bits=spec.bits, damp=float(o.get("damp", 0.01)),
-                            scale=float(o.get("scale", 1.0)), scale_search=bool(o.get("scale_search", False)))
+        o = self.options(spec)
+        return e8p_quantize(weight, hessian, bits=spec.bits, damp=float(o.damp), scale=float(o.scale),
+                            scale_search=bool(o.scale_search))

@@ -17,9 +17,12 @@ the algorithm; each step is one vectorised operation over all rows.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..formats.intq import IntQuantized
+from .base import Calibration, Method, option, register
 from .options import COMMON_FIELDS, DAMP, FLAG, integer
 from .feedback import error_feedback, hessian_factor, inverse_hessian_cholesky  # noqa: F401  (re-exported)
 from .rtn import find_scales
@@ -105,20 +108,28 @@ def _gptq(w, factor, bits, group_size, sym, mse_clip, act_order, block_size, hes
 ACT_ORDER_DEFAULT = True
 
 
-class GPTQ:
+@register
+class GPTQ(Method):
     name = "gptq"
-    needs_hessian = True
+    format = "int"
+    bit_widths = "2-8"
+    calibration = Calibration.NEEDS
     uses_fields = frozenset(COMMON_FIELDS)
-    options_schema = {"act_order": FLAG, "damp": DAMP, "block_size": integer(1, 1 << 20), "fp64": FLAG}
+
+    @dataclass(frozen=True)
+    class Options:
+        act_order: bool = option(ACT_ORDER_DEFAULT, FLAG, "columns in decreasing diag H order, groups fixed up front")
+        damp: float = option(0.01, DAMP, "Hessian damping, fraction of mean diag H (raised tenfold on failure)")
+        block_size: int = option(128, integer(1, 1 << 20), "columns per lazy batch update")
+        fp64: bool = option(False, FLAG, "Hessian factor and column loop in float64")
 
     def quantize(self, weight: torch.Tensor, spec, hessian=None) -> IntQuantized:
         if hessian is None:
             raise ValueError("GPTQ needs the layer's input Hessian (calibration data)")
-        o = spec.options
+        o = self.options(spec)
         return gptq_quantize(weight, hessian, spec.bits, spec.group_size, spec.sym, spec.mse_clip,
-                             act_order=bool(o.get("act_order", ACT_ORDER_DEFAULT)), damp=float(o.get("damp", 0.01)),
-                             block_size=int(o.get("block_size", 128)),
-                             hessian_dtype=torch.float64 if o.get("fp64") else torch.float32)
+                             act_order=bool(o.act_order), damp=float(o.damp), block_size=int(o.block_size),
+                             hessian_dtype=torch.float64 if o.fp64 else torch.float32)
 
     def quantize_stacked(self, weights: list[torch.Tensor], spec, hessian=None) -> list[IntQuantized]:
         """Layers sharing one H (q/k/v, gate/up) as one stacked matrix: GPTQ treats rows independently given

@@ -14,11 +14,14 @@ Then, with the signs and 8-bit codes fixed, the α are refit per row by H-weight
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..formats.bitplanes import EMPTY_SLOT
 from ..formats.intq import default_group_index, n_groups
 from ..formats.pbllm import BLOCK, PbllmQuantized
+from .base import Calibration, Method, option, register
 from .options import DAMP, FLAG, number
 from .feedback import error_feedback, hessian_factor
 from .refit import refit_groups
@@ -90,13 +93,21 @@ def pbllm_quantize(w: torch.Tensor, H: torch.Tensor | None, salient_ratio: float
                           sparse_q=q8.to(torch.int8), sparse_scale=s8.half(), group_size=group_size, block=block)
 
 
-class PBLLM:
+@register
+class PBLLM(Method):
     name = "pbllm"
-    needs_hessian = True
+    format = "pbllm"
+    bit_widths = "1 + 8-bit salient weights"
+    calibration = Calibration.NEEDS
     uses_fields = frozenset({"group_size"})  # binary + 8-bit salient weights: no bits choice
-    options_schema = {"salient_ratio": number(0.0, 1.0), "damp": DAMP, "refit": FLAG}
+
+    @dataclass(frozen=True)
+    class Options:
+        salient_ratio: float = option(0.1, number(0.0, 1.0), "share of weights kept at 8 bits (Hessian salience)")
+        damp: float = option(0.01, DAMP, "Hessian damping, fraction of mean diag H")
+        refit: bool = option(True, FLAG, "refit the binary scales by H-weighted least squares")
 
     def quantize(self, weight: torch.Tensor, spec, hessian=None) -> PbllmQuantized:
-        o = spec.options
-        return pbllm_quantize(weight, hessian, salient_ratio=float(o.get("salient_ratio", 0.1)),
-                              group_size=spec.group_size, damp=float(o.get("damp", 0.01)), refit=bool(o.get("refit", True)))
+        o = self.options(spec)
+        return pbllm_quantize(weight, hessian, salient_ratio=float(o.salient_ratio), group_size=spec.group_size,
+                              damp=float(o.damp), refit=bool(o.refit))

@@ -13,9 +13,12 @@ all trits are fixed the α are refit per row and group by H-weighted least squar
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..formats.ternary import TernaryQuantized
+from .base import Calibration, Method, option, register
 from .options import DAMP, FLAG, choice
 from .feedback import error_feedback, hessian_factor
 from .refit import refit_groups
@@ -101,14 +104,22 @@ def ternary_quantize(w: torch.Tensor, H: torch.Tensor | None = None, group_size:
     return TernaryQuantized(trits=trits, scales=alpha.clamp(-65504, 65504).half(), group_size=group_size)
 
 
-class Ternary:
+@register
+class Ternary(Method):
     name = "ternary"
-    needs_hessian = False  # data-free without calibration (plain ternarization); GPTQ feedback with it
+    format = "ternary"
+    bit_widths = "1.58"
+    calibration = Calibration.USES  # plain ternarization without data; GPTQ feedback with it
     uses_fields = frozenset({"group_size"})  # 1.58 bits, one scale per group
-    options_schema = {"threshold": choice("absmean", "mse"), "feedback": FLAG, "refit": FLAG, "damp": DAMP}
+
+    @dataclass(frozen=True)
+    class Options:
+        threshold: str = option("absmean", choice("absmean", "mse"), "zeroing threshold: absmean (BitNet) or mse search")
+        feedback: bool = option(True, FLAG, "GPTQ error feedback when calibration data is given")
+        refit: bool = option(True, FLAG, "refit the scales by H-weighted least squares")
+        damp: float = option(0.01, DAMP, "Hessian damping, fraction of mean diag H")
 
     def quantize(self, weight: torch.Tensor, spec, hessian=None) -> TernaryQuantized:
-        o = spec.options
-        return ternary_quantize(weight, hessian, group_size=spec.group_size, threshold=str(o.get("threshold", "absmean")),
-                                feedback=bool(o.get("feedback", True)), refit=bool(o.get("refit", True)),
-                                damp=float(o.get("damp", 0.01)))
+        o = self.options(spec)
+        return ternary_quantize(weight, hessian, group_size=spec.group_size, threshold=str(o.threshold),
+                                feedback=bool(o.feedback), refit=bool(o.refit), damp=float(o.damp))

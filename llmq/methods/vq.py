@@ -29,12 +29,16 @@ Three steps per layer, all against the layer's input Hessian H = 2XXᵀ/N (H = I
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import torch
 
 from ..errors import InputError
 from ..formats.vq import (CODEBOOK_DTYPES, MAX_INDEX_BITS, VQ_DIMS, VQQuantized, check_shape, codebook_of_rows,
                           n_codebooks, round_codebooks)
 from .feedback import diagonal_block_inverses, error_feedback, hessian_factor, one_thread
+from .base import Calibration, Method, option, register
 from .options import DAMP, FLAG, choice, integer
 
 SCORE_ELEMENTS = 1 << 24  # distance matrices are computed in chunks of about this many entries
@@ -287,42 +291,48 @@ def _vq_quantize(w, H, dim, index_bits, rows_per_codebook, codebook_dtype, kmean
 
 
 def layer_options(bits: int, options: dict) -> dict:
-    """The vq_quantize keyword arguments of a recipe spec: k = bits · d unless `index_bits` is given."""
-    o = dict(options)
+    """The vq_quantize keyword arguments of a recipe spec's options: d from the bits unless given, k = bits · d
+    unless `index_bits` is given (None: not given)."""
+    o = {k: v for k, v in options.items() if v is not None}
     dim = int(o.pop("dim", default_dim(bits)))
     kw = {"dim": dim, "index_bits": int(o.pop("index_bits", bits * dim))}
     if kw["index_bits"] > MAX_INDEX_BITS:
         raise InputError(f"vq: {bits} bits with d = {dim} needs {bits * dim}-bit indices (at most {MAX_INDEX_BITS}); "
                          f"use a smaller dim or set index_bits")
-    kw.update({k: v for k, v in o.items() if v is not None})
+    kw.update(o)
     return kw
 
 
-class VQ:
+@register
+class VQ(Method):
     name = "vq"
-    needs_hessian = False  # H = I without calibration data
+    format = "vq"
+    bit_widths = "2-8 (index bits / dim)"
+    calibration = Calibration.USES  # H = I without calibration data
     uses_fields = frozenset({"bits"})  # bits per weight = index bits / dim; codebooks, not groups
-    options_schema = {
-        "dim": choice(*VQ_DIMS),
-        "index_bits": integer(1, MAX_INDEX_BITS),
-        "rows_per_codebook": integer(0, 1 << 30),
-        "codebook_dtype": choice(*CODEBOOK_DTYPES),
-        "kmeans_iters": integer(0, 1000),
-        "kmeans_sample": integer(0, 1 << 40),
-        "update_iters": integer(0, 1000),
-        "seed": integer(0, 2**31 - 1),
-        "feedback": FLAG, "update": FLAG, "damp": DAMP, "block_size": integer(8, 4096),
-    }
 
-    @staticmethod
-    def check_spec(spec, where: str) -> None:
+    @dataclass(frozen=True)
+    class Options:  # the defaults are vq_quantize's
+        dim: int | None = option(None, choice(*VQ_DIMS), "vector length d (default 4 at 2 bits, else 2)")
+        index_bits: int | None = option(None, integer(1, MAX_INDEX_BITS), "bits per index (default bits · dim)")
+        rows_per_codebook: int = option(0, integer(0, 1 << 30), "rows sharing one codebook (0: one per layer)")
+        codebook_dtype: str = option("fp16", choice(*CODEBOOK_DTYPES), "codebook storage: fp16, or int8 with one fp16 scale")
+        kmeans_iters: int = option(10, integer(0, 1000), "weighted Lloyd iterations")
+        kmeans_sample: int = option(65536, integer(0, 1 << 40), "vectors per codebook for k-means (0: all)")
+        update_iters: int = option(25, integer(0, 1000), "conjugate-gradient steps of the codebook update")
+        seed: int = option(0, integer(0, 2**31 - 1), "k-means seed")
+        feedback: bool = option(True, FLAG, "GPTQ error feedback in the assignment")
+        update: bool = option(True, FLAG, "least-squares codebook update after the assignment")
+        damp: float = option(0.01, DAMP, "Hessian damping, fraction of mean diag H")
+        block_size: int = option(128, integer(8, 4096), "columns per lazy batch update")
+
+    def check_spec(self, spec, where: str) -> None:
         try:  # bits x dim must fit the index bits: refused before any work
             layer_options(spec.bits, spec.options)
         except InputError as e:
             raise InputError(f"{where}: {e}") from None
 
-    @staticmethod
-    def check_layer(spec, out_features: int, in_features: int, where: str) -> None:
+    def check_layer(self, spec, out_features: int, in_features: int, where: str) -> None:
         """From the layer's shape, before any work: k-means with more centroids than vectors to fit is
         meaningless and slow (8-bit indices, d = 2, on a small layer ran for minutes)."""
         kw = layer_options(spec.bits, spec.options)
@@ -333,7 +343,8 @@ class VQ:
                              "vectors per codebook; use fewer bits or more rows_per_codebook")
 
     def quantize(self, weight: torch.Tensor, spec, hessian=None) -> VQQuantized:
-        return vq_quantize(weight, hessian, **layer_options(spec.bits, spec.options))
+        o = self.options(spec)
+        return vq_quantize(weight, hessian, **layer_options(spec.bits, dataclasses.asdict(o)))
 
 
 __all__ = ["VQ", "vq_quantize", "n_codebooks"]

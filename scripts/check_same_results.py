@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from conftest import make_tiny_llama, tensors_of  # noqa: E402
 
 CALIB = ["--calib", "c4"]
 CASES = {  # name: quantize arguments
@@ -63,16 +65,6 @@ def quantize(checkout: Path, model: str, case: str, out: Path, calib_args: list[
     return run_llmq(checkout, args, out.parent / f"{out.name}.log")
 
 
-def tensors(folder: Path) -> dict:
-    from safetensors import safe_open
-
-    out = {}
-    for p in sorted(folder.glob("*.safetensors")):
-        with safe_open(p, framework="pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
-
-
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.contiguous().view(torch.uint8),
                                                                      b.contiguous().view(torch.uint8))
@@ -87,7 +79,7 @@ def decoded(folder: Path) -> dict:
 
 
 def compare(a: Path, b: Path) -> dict:
-    ta, tb = tensors(a), tensors(b)
+    ta, tb = tensors_of(a), tensors_of(b)
     differ = sorted(k for k in ta.keys() | tb.keys() if k not in ta or k not in tb or not same_bits(ta[k], tb[k]))
     row = {"tensors": len(ta), "tensors_differ": len(differ), "identical": not differ, "first_differ": differ[:3]}
     if differ:
@@ -141,9 +133,6 @@ def main():
     a.work.mkdir(parents=True, exist_ok=True)
     model = a.model
     if model == "tiny":
-        sys.path.insert(0, str(ROOT / "tests"))
-        from conftest import make_tiny_llama
-
         model = str(a.work / "tiny-model")
         if not Path(model).exists():
             make_tiny_llama(Path(model))

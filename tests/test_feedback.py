@@ -5,7 +5,7 @@ GPTQ, bit for bit; its lazy batches give the same decisions as the textbook loop
 import pytest
 import torch
 
-from llmq.methods.feedback import error_feedback, hessian_factor
+from llmq.methods.feedback import Quantizer, error_feedback, hessian_factor
 from llmq.methods.gptq import gptq_quantize
 from llmq.methods.rtn import find_scales
 
@@ -20,17 +20,12 @@ def layer(rows=48, cols=200, seed=0, dtype=torch.float32):
     return w.to(dtype), H.to(dtype)
 
 
-class RowGrid:
+class RowGrid(Quantizer):
     """Round to nearest on one symmetric integer grid per row, written independently of GPTQ's plug-in."""
-
-    width = 1
 
     def __init__(self, scale, bits, cols):
         self.scale, self.lo, self.hi = scale, -(1 << (bits - 1)), (1 << (bits - 1)) - 1
         self.q = torch.empty(cols, scale.shape[0], dtype=scale.dtype)
-
-    def starts_group(self, j):
-        return False
 
     def residual(self, j, x, out):
         torch.div(x, self.scale, out=self.q[j:j + 1]).round_().clamp_(self.lo, self.hi)
@@ -64,14 +59,11 @@ def textbook(W, U, quant, d):
     return Q
 
 
-class Fixed:
+class Fixed(Quantizer):
     """A plug-in from a function of the [rows, d] block."""
 
     def __init__(self, quant, d, rows, cols):
         self.quant, self.width, self.Qt = quant, d, torch.empty(cols, rows, dtype=torch.float64)
-
-    def starts_group(self, j):
-        return False
 
     def residual(self, j, x, out):
         q = self.quant(x.T).T

@@ -206,7 +206,7 @@ def test_option_scan_finds_reads():
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_options_schema_is_what_the_method_reads(name):
+def test_declared_options_are_what_the_method_reads(name):
     m = METHODS[name]
     assert set(m.uses_fields) <= set(COMMON_FIELDS)
     assert option_names(m) == options_read(m)  # no real option refused, no refused-looking option ignored

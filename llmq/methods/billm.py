@@ -30,7 +30,7 @@ from ..formats.billm import BLOCK, BillmQuantized, billm_bits
 from ..formats.bitplanes import EMPTY_SLOT
 from .base import Calibration, Method, option, register
 from .options import DAMP, FLAG, integer, number, optional
-from .feedback import error_feedback, hessian_factor
+from .feedback import Quantizer, error_feedback, hessian_factor, one_thread
 from .refit import refit_bases
 
 
@@ -87,7 +87,7 @@ def binarize_block(W1: torch.Tensor, salient: torch.Tensor, r: int):
     return Q, s1, s2, sparse
 
 
-class BlockBinarizer:
+class BlockBinarizer(Quantizer):
     """The plug-in for `error_feedback`: a whole block at a time (steps 1-4 of the module docstring)."""
 
     def __init__(self, rows: int, cols: int, U: torch.Tensor, salient_max: int, r: int, block: int):
@@ -97,9 +97,6 @@ class BlockBinarizer:
         self.sal_cols, self.sal_signs = [], []
         self.sparse_mask = torch.zeros(rows, cols, dtype=torch.bool)
         self.sparse_idx = torch.full((rows, -(-cols // block), r), EMPTY_SLOT, dtype=torch.uint8)
-
-    def starts_group(self, j: int) -> bool:
-        return False
 
     def residual(self, b0: int, x: torch.Tensor, out: torch.Tensor) -> None:
         W1 = x.T  # [rows, width], as updated by the earlier blocks' compensation
@@ -126,6 +123,11 @@ class BlockBinarizer:
 
 def billm_quantize(w: torch.Tensor, H: torch.Tensor | None, max_bpw: float = 1.3, salient_max: int | None = None,
                    sparse: int | None = None, damp: float = 0.01, refit: bool = True, block: int = BLOCK) -> BillmQuantized:
+    with one_thread():  # hundreds of small block ops: threads only add synchronisation
+        return _billm(w, H, max_bpw, salient_max, sparse, damp, refit, block)
+
+
+def _billm(w, H, max_bpw, salient_max, sparse, damp, refit, block) -> BillmQuantized:
     rows, cols = w.shape
     w = w.to(torch.float32)
     sm, r = plan_budget(rows, cols, max_bpw, salient_max, sparse, block)

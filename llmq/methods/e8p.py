@@ -31,14 +31,14 @@ import torch
 from ..codebooks.e8p import DIM, GAUSS_RESID, GAUSS_RMS, STAGES, rvq_encode
 from ..errors import InputError
 from ..formats.e8p import E8PQuantized, check_shape
-from .feedback import error_feedback, hessian_factor, one_thread
+from .feedback import Quantizer, error_feedback, hessian_factor, one_thread
 from .base import Calibration, Method, option, register
 from .options import DAMP, FLAG, number
 
 SEARCH_GRID = (0.8, 0.9, 1.0, 1.1, 1.25)
 
 
-class NearestCodeword:
+class NearestCodeword(Quantizer):
     """The plug-in for `error_feedback`: each row's 8 weights of a block (the target, weights plus feedback)
     become the nearest E8P codeword (plus residual stages)."""
 
@@ -48,9 +48,6 @@ class NearestCodeword:
         self.scales, self.stages = scales, stages
         self.codes = [torch.empty(rows, cols // DIM, dtype=torch.int64) for _ in stages]
         self.What_t = torch.empty(cols, rows)
-
-    def starts_group(self, j: int) -> bool:
-        return False
 
     def residual(self, j: int, x: torch.Tensor, out: torch.Tensor) -> None:
         c, rec = rvq_encode(x.T, self.scales, self.stages)

@@ -21,31 +21,28 @@ The loop works on Wᵀ ([column, row] layout: each step reads and updates contig
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Protocol
-
 import torch
 
 BLOCK = 128  # lazy batch: errors reach the columns after a block once per block
 SUB_BLOCK = 32  # nested lazy batch: a column's rank-1 update touches at most the rest of its sub-block
 
 
-class Quantizer(Protocol):
+class Quantizer:
     """The plug-in of `error_feedback`: quantizes `width` columns of Wᵀ at a time."""
 
-    width: int
+    width: int = 1
 
     def starts_group(self, j: int) -> bool:
         """Column j is the first of a group whose grid is fixed from the weights as updated (`start_group`)."""
-        ...
+        return False
 
     def start_group(self, j: int, rest: torch.Tensor) -> None:
         """rest: the not yet quantized columns j.. ([cols − j, rows]), with every earlier error applied."""
-        ...
 
     def residual(self, j: int, x: torch.Tensor, out: torch.Tensor) -> None:
         """Quantize columns j..j+w−1, x = their current weights [w, rows] (w = width, or fewer at the end);
         write the rounding error x − Q(x) into out [w, rows]."""
-        ...
+        raise NotImplementedError
 
 
 # ---- the Hessian factor ------------------------------------------------------------------------------------------

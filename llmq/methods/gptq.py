@@ -11,8 +11,8 @@ onto the columns not yet quantized through the inverse Hessian of the layer's in
 
 Options: act-order (columns in decreasing diag(H) order) with static groups — every group's grid is fixed
 from the unmodified weights up front, so group membership stays `column // group_size` and act-order
-checkpoints load with the plain group index; dead inputs (diag H = 0) are zeroed. The per-column loop is
-the algorithm; each step is one vectorised operation over all rows.
+checkpoints load with the plain group index; dead inputs (diag H = 0) are zeroed. The loop is the shared
+engine, llmq.methods.feedback.error_feedback; this file is its integer-grid plug-in (IntGrid).
 """
 
 from __future__ import annotations
@@ -24,22 +24,21 @@ import torch
 from ..formats.intq import IntQuantized
 from .base import Calibration, Method, option, register
 from .options import COMMON_FIELDS, DAMP, FLAG, integer
-from .feedback import error_feedback, hessian_factor, inverse_hessian_cholesky  # noqa: F401  (re-exported)
+from .feedback import Quantizer, error_feedback, hessian_factor, one_thread
 from .rtn import find_scales
 
 
 def gptq_quantize(w: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, sym: bool, mse_clip: bool = False,
                   act_order: bool = False, damp: float = 0.01, block_size: int = 128, hessian_dtype=torch.float32) -> IntQuantized:
     factor = hessian_factor(H, w.shape[1], damp, act_order, hessian_dtype)  # large dense factorisations: all threads
-    return _gptq(w, factor, bits, group_size, sym, mse_clip, act_order, block_size, hessian_dtype)
+    with one_thread():
+        return _gptq(w, factor, bits, group_size, sym, mse_clip, act_order, block_size, hessian_dtype)
 
 
-class IntGrid:
+class IntGrid(Quantizer):
     """The plug-in for `error_feedback`: round each column to its group's integer grid. Codes are kept as
     q − zero ∈ [−zero, maxq − zero] (grid value = scale · that, exactly as stored; the zero is added after the loop).
     Grids are kept transposed ([group, row]), as the engine's W."""
-
-    width = 1
 
     def __init__(self, W, perm, bits, group_size, sym, mse_clip, static, dtype):
         rows, cols = W.shape

@@ -23,7 +23,7 @@ from ..formats.intq import default_group_index, n_groups
 from ..formats.pbllm import BLOCK, PbllmQuantized
 from .base import Calibration, Method, option, register
 from .options import DAMP, FLAG, number
-from .feedback import error_feedback, hessian_factor
+from .feedback import Quantizer, error_feedback, hessian_factor
 from .refit import refit_groups
 
 FP16_TINY = 2.0**-24
@@ -46,19 +46,14 @@ def _select(metric: torch.Tensor, ratio: float, block: int):
     return mask, idx
 
 
-class PartialBinary:
+class PartialBinary(Quantizer):
     """The plug-in for `error_feedback`: a salient weight is rounded to its row's 8-bit grid, any other to
     ±α of its row and group."""
-
-    width = 1
 
     def __init__(self, mask: torch.Tensor, s8: torch.Tensor, alpha: torch.Tensor, group_index: torch.Tensor):
         self.mask, self.s8, self.alpha = mask.T.contiguous(), s8, alpha.T.contiguous()  # [cols, rows], [rows], [G, rows]
         self.group_of = group_index.tolist()
         self.codes, self.signs = torch.zeros(mask.shape[1], mask.shape[0]), torch.empty(mask.shape[1], mask.shape[0])
-
-    def starts_group(self, j: int) -> bool:
-        return False
 
     def residual(self, j: int, x: torch.Tensor, out: torch.Tensor) -> None:
         s = torch.where(x >= 0, 1.0, -1.0)

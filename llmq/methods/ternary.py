@@ -20,7 +20,7 @@ import torch
 from ..formats.ternary import TernaryQuantized
 from .base import Calibration, Method, option, register
 from .options import DAMP, FLAG, choice
-from .feedback import error_feedback, hessian_factor
+from .feedback import Quantizer, error_feedback, hessian_factor
 from .refit import refit_groups
 
 FP16_TINY = 2.0**-24
@@ -51,11 +51,9 @@ def ternarize(w: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return torch.where(w.abs() > delta, torch.sign(w), torch.zeros_like(w))
 
 
-class TernaryGrid:
+class TernaryGrid(Quantizer):
     """The plug-in for `error_feedback`: each group's (α, Δ) is fixed from the weights as updated when its first
     column comes up (as GPTQ fixes a group's grid); each column's trits are then sign(w) where |w| > Δ."""
-
-    width = 1
 
     def __init__(self, rows: int, cols: int, group_size: int, threshold: str):
         self.g, self.threshold = group_size, threshold

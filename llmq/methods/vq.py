@@ -37,7 +37,7 @@ import torch
 from ..errors import InputError
 from ..formats.vq import (CODEBOOK_DTYPES, MAX_INDEX_BITS, VQ_DIMS, VQQuantized, check_shape, codebook_of_rows,
                           n_codebooks, round_codebooks)
-from .feedback import diagonal_block_inverses, error_feedback, hessian_factor, one_thread
+from .feedback import Quantizer, diagonal_block_inverses, error_feedback, hessian_factor, one_thread
 from .base import Calibration, Method, option, register
 from .options import DAMP, FLAG, choice, integer
 
@@ -154,7 +154,7 @@ def nearest_codes(x: torch.Tensor, C: torch.Tensor, cb_rows: torch.Tensor, rows_
     return scores.argmin(-1).reshape(-1)[:n]
 
 
-class NearestCentroid:
+class NearestCentroid(Quantizer):
     """The plug-in for `error_feedback`: each row's d-vector takes the centroid nearest in the basis U_bb⁻¹."""
 
     def __init__(self, U: torch.Tensor, C: torch.Tensor, rows: int, rows_per_codebook: int):
@@ -163,9 +163,6 @@ class NearestCentroid:
         self.A = diagonal_block_inverses(U, self.width)  # U_bb⁻¹ of each d-column step
         self.cb_rows = codebook_of_rows(rows, rows_per_codebook)
         self.codes = torch.empty(rows, U.shape[0] // self.width, dtype=torch.int64)
-
-    def starts_group(self, j: int) -> bool:
-        return False
 
     def residual(self, j: int, x: torch.Tensor, out: torch.Tensor) -> None:
         nb, nc, d = self.C.shape

@@ -1,4 +1,4 @@
-"""`llmq` command line: quantize, eval, inspect, export."""
+"""`llmq` command line: quantize, eval, inspect, export, methods."""
 
 from __future__ import annotations
 
@@ -211,6 +211,34 @@ def eval_(
         print(f"plot: {png}")
     if json_path:
         json_path.write_text(json.dumps({"_meta": meta(opts), **results}, indent=2))
+
+
+def _yaml_value(v) -> str:
+    return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+
+
+@app.command()
+@guarded
+def methods():
+    """List the quantization methods: format, bit widths, calibration use and recipe options with defaults."""
+    import dataclasses
+    import textwrap
+
+    from .methods import METHODS
+
+    lines = []
+    for m in METHODS.values():
+        fields = ", ".join(f for f in ("bits", "group_size", "sym", "mse_clip") if f in m.uses_fields) or "none"
+        lines += [f"{m.name}: format {m.format}; bits {m.bit_widths}; calibration: {m.calibration.value}",
+                  f"  recipe fields: {fields}" + (f" (group_size default {m.default_group_size})" if m.default_group_size else "")]
+        opts = m.option_fields()
+        if not opts:
+            lines.append("  options: none")
+        for f in opts:
+            head = f"  {f.name:<18} {_yaml_value(f.default if f.default is not dataclasses.MISSING else None):<7} "
+            lines += textwrap.wrap(f.metadata["doc"], 80, initial_indent=head, subsequent_indent=" " * len(head))
+        lines.append("")
+    print("\n".join(lines).rstrip())
 
 
 @app.command()

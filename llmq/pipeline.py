@@ -175,7 +175,7 @@ def _resolve_calib(calib: CalibConfig, recipe: Recipe, max_ctx: int | None, log)
     """`--calib auto`: C4 when a method in the recipe uses calibration data, none for data-free methods.
     Window length: as given (refused beyond the model's context), else 2048 or the context if shorter."""
     if calib.source == "auto":
-        if any(getattr(m, "uses_calibration", True) for m in _methods_used(recipe)):
+        if any(m.uses_calibration for m in _methods_used(recipe)):
             calib = dataclasses.replace(calib, source="c4")
         else:
             log("no calibration: the recipe's methods use no calibration data (the report gives weight errors; --calib c4 adds output errors)")
@@ -196,9 +196,8 @@ def _check_layer_shapes(recipe: Recipe, factory: BlockFactory, adapter) -> None:
         for name, (n_out, n_in) in shapes.items():
             layer = adapter.block_prefix(i) + name
             spec = recipe.spec_for(layer)
-            check = getattr(METHODS.get(spec.method), "check_layer", None)
-            if check is not None:
-                check(spec, n_out, n_in, f"layer {layer}")
+            if spec.method in METHODS:
+                METHODS[spec.method].check_layer(spec, n_out, n_in, f"layer {layer}")
 
 
 def _methods_used(recipe: Recipe):

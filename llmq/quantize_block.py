@@ -178,7 +178,7 @@ def quantize_block(block: nn.Module, prefix: str, adapter: DecoderAdapter, recip
         results, shares = {}, {}
         stacked = len(todo) > 1 and len({repr(prepared[n][0]) for n in todo}) == 1 and len({id(prepared[n][3]) for n in todo}) == 1
         method = METHODS[prepared[todo[0]][0].method] if todo else None
-        if stacked and hasattr(method, "quantize_stacked"):
+        if stacked and method.quantize_stacked is not None:
             spec, _, _, Hg = prepared[todo[0]]
             results = dict(zip(todo, method.quantize_stacked([prepared[n][1] for n in todo], spec, Hg)))
         else:

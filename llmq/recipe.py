@@ -14,7 +14,7 @@ A recipe is a default `LayerSpec` plus regex overrides applied in order (later o
 
 `lm_head` is kept unquantized unless an override says otherwise. Values must have their YAML type (`sym: "false"`,
 a string, is refused), and a value given for a field or option its method does not use is refused (each method
-declares `uses_fields` and `options_schema`, llmq.methods.options): bad input fails here, before a model is loaded.
+declares `uses_fields` and its `Options`, llmq.methods.base): bad input fails here, before a model is loaded.
 """
 
 from __future__ import annotations
@@ -54,7 +54,6 @@ class LayerSpec:
 
     def validate(self, where: str = "recipe") -> "LayerSpec":
         from .methods import METHODS
-        from .methods.options import check_options
 
         for f in dataclasses.fields(self):
             _check_type(where, f.name, getattr(self, f.name))
@@ -69,10 +68,8 @@ class LayerSpec:
             raise InputError(f"{where}: bits must be an integer from 2 to 8, got {self.bits!r}")
         if "group_size" in m.uses_fields and (self.group_size < 0 or 0 < self.group_size < 8):
             raise InputError(f"{where}: group size must be 0 (per-channel) or an integer >= 8, got {self.group_size!r}")
-        check_options(m, self.options, where)
-        check_spec = getattr(m, "check_spec", None)  # method-specific limits (e8p: bits 2, 3, 4)
-        if check_spec is not None:
-            check_spec(self, where)
+        m.check_options(self.options, where)
+        m.check_spec(self, where)  # method-specific limits (e8p: bits 2, 3, 4)
         return self
 
 
@@ -193,7 +190,9 @@ class Recipe:
         if group_size is None and not path:  # a method's own default group size (nf4: 64, QLoRA's block size)
             from .methods import METHODS
 
-            r.default.group_size = getattr(METHODS.get(r.default.method), "default_group_size", r.default.group_size)
+            m = METHODS.get(r.default.method)
+            if m is not None and m.default_group_size is not None:
+                r.default.group_size = m.default_group_size
         return r
 
 

@@ -194,7 +194,7 @@ def test_stacked_layers_equal_one_by_one(smollm_block0):
 
 def test_inverse_hessian_cholesky_is_the_upper_factor():
     """U is upper triangular with U ᵀU = (H + λI)⁻¹ (checked in fp64), on an ill-conditioned H."""
-    from llmq.methods.gptq import inverse_hessian_cholesky
+    from llmq.methods.feedback import inverse_hessian_cholesky
 
     torch.manual_seed(0)
     for n in (96, 600):  # 600: the triangular inverse recurses (halves of 320 and 280, leaves below 256)

@@ -42,6 +42,8 @@ def assert_one_line_error(p, out, *words):
     ("options: {salient_ratio: 0.5}\n", DATA_FREE, ["rtn does not use salient_ratio"]),
     ("method: gptq\noptions: {dim: 2}\n", CALIB, ["gptq does not use dim"]),
     ("method: gptq\noptions: {salient_ratio: 0.5}\n", CALIB, ["gptq does not use salient_ratio"]),
+    ("method: gptq\noptions: {dmap: 0.1}\n", CALIB, ["gptq does not use dmap"]),  # a typo is not ignored
+    ("options: {dmap: 0.1}\n", DATA_FREE, ["rtn does not use dmap", "takes no options"]),
     ("method: gptq\noptions: {damp: lots}\n", CALIB, ["damp", "'lots'"]),
     ("method: gptq\noptions: {damp: -5}\n", CALIB, ["damp", "-5"]),
     ("method: gptq\noptions: {block_size: 0}\n", CALIB, ["block_size", "0"]),
@@ -182,16 +184,20 @@ def test_flags_apply_on_top_of_the_recipe(tmp_path):
 
 # ---- declared capabilities match the code ------------------------------------------------------------------------
 
-OPTION_READ = re.compile(r"""\b(?:o|options)(?:\.get\(|\.pop\(|\[)\s*["'](\w+)["']""")
+OPTION_READ = re.compile(r"""\bo\.([a-z]\w*)\b(?!\()""")  # `o = self.options(spec)`, then o.damp, ...
 
 
 def options_read(method) -> set:
-    """Every option key the method's module reads from a spec's options (vq passes the rest on as keywords)."""
+    """Every option the method's module reads from its typed options (vq passes them all on as keywords)."""
     mod = sys.modules[type(method).__module__]
     keys = set(OPTION_READ.findall(inspect.getsource(mod)))
     if method.name == "vq":
         keys |= set(inspect.signature(mod.vq_quantize).parameters) - {"w", "H"}
     return keys
+
+
+def option_names(method) -> set:
+    return {f.name for f in method.option_fields()}
 
 
 def test_option_scan_finds_reads():
@@ -200,10 +206,11 @@ def test_option_scan_finds_reads():
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_options_schema_is_what_the_method_reads(name):
+def test_declared_options_are_what_the_method_reads(name):
     m = METHODS[name]
     assert set(m.uses_fields) <= set(COMMON_FIELDS)
-    assert set(m.options_schema) == options_read(m)  # no real option refused, no refused-looking option ignored
+    assert option_names(m) == options_read(m)  # no real option refused, no refused-looking option ignored
+    assert all(f.metadata["doc"] for f in m.option_fields())
 
 
 CANDIDATES = [False, 0.05, 2, 32, "mse", "int8"]  # the first one a schema accepts is tried
@@ -214,7 +221,7 @@ def test_every_option_read_is_accepted_and_runs(name):
     m = METHODS[name]
     w, H = layer()
     for key in sorted(options_read(m)):
-        ok, _ = m.options_schema[key]
+        ok, _ = {f.name: f for f in m.option_fields()}[key].metadata["check"]
         value = next(v for v in CANDIDATES if ok(v))
         d = {"method": name, "options": {key: value}}
         if "group_size" in m.uses_fields:
@@ -253,4 +260,10 @@ def test_readme_table_matches_the_declared_capabilities():
         row = re.search(rf"^\| {name} \| (.*) \| (.*) \|$", readme, re.M)
         assert row, name
         fields, options = ({x.strip() for x in cell.split(",")} - {"—"} for cell in row.groups())
-        assert fields == set(m.uses_fields) and options == set(m.options_schema), name
+        assert fields == set(m.uses_fields) and options == option_names(m), name
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_refuses_an_unknown_option(name):
+    with pytest.raises(InputError, match=f"recipe: {name} does not use dmap"):
+        Recipe.from_dict({"method": name, "options": {"dmap": 0.1}})

@@ -20,7 +20,7 @@ from llmq.errors import InputError  # noqa: E402
 from llmq.formats import get_format  # noqa: E402
 from llmq.formats.vq import pack_codes, unpack_codes, vq_bits  # noqa: E402
 from llmq.inspect_ckpt import inspect_checkpoint  # noqa: E402
-from llmq.methods.feedback import cholesky_factor  # noqa: E402
+from llmq.methods.feedback import hessian_factor  # noqa: E402
 from llmq.methods.vq import (assign_feedback, decode, kmeans_inputs, layer_options, nearest_codes, proxy_loss,  # noqa: E402
                              update_codebooks, vq_quantize, weighted_kmeans)
 from llmq.modules import layer_tensor_specs  # noqa: E402
@@ -119,7 +119,7 @@ def test_error_feedback_assignment_beats_nearest_centroid():
     w, H = toy_layer()
     X, Hw = kmeans_inputs(w, torch.diagonal(H), 4, 0)
     C, _ = weighted_kmeans(X, Hw, 64, iters=10)
-    _, U = cholesky_factor(H, 96)
+    _, _, U, _ = hessian_factor(H, 96)
     fb = assign_feedback(w, U, C, 0)
     near = torch.stack([nearest_codes(w[:, j:j + 4], C, None, 0) for j in range(0, 96, 4)], 1)
     assert torch.equal(assign_feedback(w, None, C, 0), near)  # no Hessian: plain nearest centroid
@@ -137,7 +137,7 @@ def test_codebook_update_solves_the_least_squares_problem():
     w, H = toy_layer(n=24, k=32)
     X, Hw = kmeans_inputs(w, torch.diagonal(H), 2, 10)
     C, _ = weighted_kmeans(X, Hw, 8, iters=5)
-    _, U = cholesky_factor(H, 32)
+    _, _, U, _ = hessian_factor(H, 32)
     codes = assign_feedback(w, U, C, 10)
     new = update_codebooks(w, H, codes, C, 10, iters=200)
     before, after = proxy_loss(w, decode(C, codes, 10), H), proxy_loss(w, decode(new, codes, 10), H)

@@ -16,11 +16,14 @@ per-row table [N, 16] fp16, counted in the bits per weight (256 bits per row: 0.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..formats.lut import LutQuantized
 from .grids import nf4_table
 from .lut_common import expand, fp16_scale, group_reduce
+from .base import Calibration, Method, option, register
 from .options import FLAG, integer
 
 
@@ -71,13 +74,19 @@ def any4_quantize(w: torch.Tensor, H: torch.Tensor | None = None, group_size: in
                         group_size=group_size, in_features=k, grid="any4", table_kind="row")
 
 
-class Any4:
+@register
+class Any4(Method):
     name = "any4"
-    needs_hessian = False  # weighted by activation statistics when calibration is given; unweighted without
+    format = "lut"
+    bit_widths = "4"
+    calibration = Calibration.USES  # weighted by activation statistics when calibration is given; unweighted without
     uses_fields = frozenset({"group_size"})  # always 4-bit (16 values per row)
-    options_schema = {"iters": integer(1, 1000), "weighted": FLAG}
+
+    @dataclass(frozen=True)
+    class Options:
+        iters: int = option(50, integer(1, 1000), "Lloyd iterations of each row's table")
+        weighted: bool = option(True, FLAG, "weight by the input channels' mean x² (calibration data)")
 
     def quantize(self, weight: torch.Tensor, spec, hessian=None) -> LutQuantized:
-        o = spec.options
-        return any4_quantize(weight, hessian, spec.group_size, iters=int(o.get("iters") or 50),
-                             weighted=bool(o.get("weighted", True)))
+        o = self.options(spec)
+        return any4_quantize(weight, hessian, spec.group_size, iters=int(o.iters), weighted=bool(o.weighted))

@@ -13,7 +13,8 @@ For each block of 128 columns, on the weights as updated by the earlier blocks' 
      a whole extra bit per weight (its "1.08 bits" leave the bitmap and the per-block scales out). Here the break-point
      is per row and block, at the r-th largest magnitude, so the sparse group is a fixed-size list of r in-block
      offsets (8 bits each), with r the largest the budget allows
-  5. compensation: E = W_b − Q_b, later columns −= (E U_bb⁻¹) U[b, later]  (exact block OBS update)
+  5. compensation: E = W_b − Q_b, later columns −= (E U_bb⁻¹) U[b, later]  (exact block OBS update; BiLLM's
+     reference divides by diag U_bb only), llmq.methods.feedback.error_feedback with 128-column steps
 Storage keeps one scale per row per basis (4 fp16 per row; per-block scales would cost 0.5 bits per weight), so once
 all signs are fixed the four scales are refit per row by H-weighted least squares against the original weights.
 The per-row means of BiLLM's binarizer are not stored (weights are zero-centred; means would cost more scales).
@@ -21,13 +22,16 @@ The per-row means of BiLLM's binarizer are not stored (weights are zero-centred;
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..formats.billm import BLOCK, BillmQuantized, billm_bits
 from ..formats.bitplanes import EMPTY_SLOT
+from .base import Calibration, Method, option, register
 from .options import DAMP, FLAG, integer, number, optional
-from .feedback import block_feedback, cholesky_factor, refit_bases
-from .gptq import one_thread
+from .feedback import Quantizer, error_feedback, hessian_factor, one_thread
+from .refit import refit_bases
 
 
 def plan_budget(out: int, inp: int, max_bpw: float, salient_max: int | None, sparse: int | None, block: int = BLOCK):
@@ -83,9 +87,43 @@ def binarize_block(W1: torch.Tensor, salient: torch.Tensor, r: int):
     return Q, s1, s2, sparse
 
 
+class BlockBinarizer(Quantizer):
+    """The plug-in for `error_feedback`: a whole block at a time (steps 1-4 of the module docstring)."""
+
+    def __init__(self, rows: int, cols: int, U: torch.Tensor, salient_max: int, r: int, block: int):
+        self.width, self.sm, self.r = block, salient_max, r
+        self.d2 = torch.diagonal(U).square()
+        self.signs = torch.empty(rows, cols)
+        self.sal_cols, self.sal_signs = [], []
+        self.sparse_mask = torch.zeros(rows, cols, dtype=torch.bool)
+        self.sparse_idx = torch.full((rows, -(-cols // block), r), EMPTY_SLOT, dtype=torch.uint8)
+
+    def residual(self, b0: int, x: torch.Tensor, out: torch.Tensor) -> None:
+        W1 = x.T  # [rows, width], as updated by the earlier blocks' compensation
+        b1 = b0 + W1.shape[1]
+        db = self.d2[b0:b1]
+        order = torch.argsort((W1.square().sum(0) / db), descending=True)
+        best = None
+        for i in range(min(self.sm, b1 - b0) + 1):
+            cand = torch.sort(order[:i]).values
+            q = binarize_block(W1, cand, self.r)
+            err = float(((W1 - q[0]).square() / db).sum())
+            if best is None or err < best[0]:
+                best = (err, cand, q)
+        _, cand, (Q1, s1, s2, sp) = best
+        self.signs[:, b0:b1] = s1
+        self.sal_cols.append(cand + b0)
+        self.sal_signs.append(s2)
+        self.sparse_mask[:, b0:b1] = sp
+        if self.r:
+            offs = torch.sort(torch.where(sp, torch.arange(b1 - b0), EMPTY_SLOT), dim=1).values[:, :self.r]
+            self.sparse_idx[:, b0 // self.width, : offs.shape[1]] = offs.to(torch.uint8)
+        torch.sub(x, Q1.T, out=out)
+
+
 def billm_quantize(w: torch.Tensor, H: torch.Tensor | None, max_bpw: float = 1.3, salient_max: int | None = None,
                    sparse: int | None = None, damp: float = 0.01, refit: bool = True, block: int = BLOCK) -> BillmQuantized:
-    with one_thread():  # hundreds of small block ops: threads only add synchronisation (see gptq.one_thread)
+    with one_thread():  # hundreds of small block ops: threads only add synchronisation
         return _billm(w, H, max_bpw, salient_max, sparse, damp, refit, block)
 
 
@@ -93,37 +131,12 @@ def _billm(w, H, max_bpw, salient_max, sparse, damp, refit, block) -> BillmQuant
     rows, cols = w.shape
     w = w.to(torch.float32)
     sm, r = plan_budget(rows, cols, max_bpw, salient_max, sparse, block)
-    dead, U = cholesky_factor(H, cols, damp)
+    dead, _, U, _ = hessian_factor(H, cols, damp)
     W = w.clone()
     W[:, dead] = 0
-    d2 = torch.diagonal(U).square()
-    nb = -(-cols // block)
-    signs = torch.empty(rows, cols)
-    sal_cols, sal_signs = [], []
-    sparse_mask = torch.zeros(rows, cols, dtype=torch.bool)
-    sparse_idx = torch.full((rows, nb, r), EMPTY_SLOT, dtype=torch.uint8)
-    for bi, b0 in enumerate(range(0, cols, block)):
-        b1 = min(b0 + block, cols)
-        W1 = W[:, b0:b1]
-        db = d2[b0:b1]
-        order = torch.argsort((W1.square().sum(0) / db), descending=True)
-        best = None
-        for i in range(min(sm, b1 - b0) + 1):
-            cand = torch.sort(order[:i]).values
-            out = binarize_block(W1, cand, r)
-            err = float(((W1 - out[0]).square() / db).sum())
-            if best is None or err < best[0]:
-                best = (err, cand, out)
-        _, cand, (Q1, s1, s2, sp) = best
-        signs[:, b0:b1] = s1
-        sal_cols.append(cand + b0)
-        sal_signs.append(s2)
-        sparse_mask[:, b0:b1] = sp
-        if r:
-            offs = torch.sort(torch.where(sp, torch.arange(b1 - b0), EMPTY_SLOT), dim=1).values[:, :r]
-            sparse_idx[:, bi, : offs.shape[1]] = offs.to(torch.uint8)
-        block_feedback(W, U, b0, b1, Q1)
-        W[:, b0:b1] = Q1
+    bz = BlockBinarizer(rows, cols, U, sm, r, block)
+    error_feedback(W.T.contiguous(), U, bz, block)  # step 5: the exact block OBS update
+    signs, sal_cols, sal_signs, sparse_mask, sparse_idx = bz.signs, bz.sal_cols, bz.sal_signs, bz.sparse_mask, bz.sparse_idx
     salient = torch.cat(sal_cols)
     s2 = torch.cat(sal_signs, 1) if sal_signs else torch.empty(rows, 0)
     salmask = torch.zeros(cols, dtype=torch.bool)
@@ -142,15 +155,23 @@ def _billm(w, H, max_bpw, salient_max, sparse, damp, refit, block) -> BillmQuant
                           scales=scales.clamp(-65504, 65504).to(torch.float16), block=block)
 
 
-class BiLLM:
+@register
+class BiLLM(Method):
     name = "billm"
-    needs_hessian = True
+    format = "billm"
+    bit_widths = "1.3 stored (max_bpw budget)"
+    calibration = Calibration.NEEDS
     uses_fields: frozenset = frozenset()  # the format fixes the bits and its 128-column blocks; max_bpw is the budget
-    options_schema = {"max_bpw": number(1.0, 16.0), "salient_max": optional(integer(0, 128)),  # null: searched
-                      "sparse_per_block": optional(integer(0, 64)), "damp": DAMP, "refit": FLAG}
+
+    @dataclass(frozen=True)
+    class Options:
+        max_bpw: float = option(1.3, number(1.0, 16.0), "budget in stored bits per weight, everything counted")
+        salient_max: int | None = option(None, optional(integer(0, 128)), "salient columns per block at most (null: searched)")
+        sparse_per_block: int | None = option(None, optional(integer(0, 64)), "sparse slots per row and block (null: largest in budget)")
+        damp: float = option(0.01, DAMP, "Hessian damping, fraction of mean diag H")
+        refit: bool = option(True, FLAG, "refit the per-row scales by H-weighted least squares")
 
     def quantize(self, weight: torch.Tensor, spec, hessian=None) -> BillmQuantized:
-        o = spec.options
-        return billm_quantize(weight, hessian, max_bpw=float(o.get("max_bpw", 1.3)),
-                              salient_max=o.get("salient_max"), sparse=o.get("sparse_per_block"),
-                              damp=float(o.get("damp", 0.01)), refit=bool(o.get("refit", True)))
+        o = self.options(spec)
+        return billm_quantize(weight, hessian, max_bpw=float(o.max_bpw), salient_max=o.salient_max,
+                              sparse=o.sparse_per_block, damp=float(o.damp), refit=bool(o.refit))

@@ -8,11 +8,11 @@ codebook (llmq/codebooks/e8p.py; 3 and 4 bits add a residual stage). Error feedb
         Ŵ_b = Q( W_b + (W − Ŵ)_{<b} (L − I)_{<b, b} )
 
 so each block's target is its weights plus the feedback of the errors already made, and the result minimises the
-proxy loss tr((W − Ŵ) H (W − Ŵ)ᵀ) = ‖(W − Ŵ)X‖² greedily block by block (the block OBS update; with 1-column blocks
-this is GPTQ). L comes from GPTQ's factor: with U the upper Cholesky factor of (H + λI)⁻¹ (`inverse_hessian_cholesky`,
-same damping and retries) and B = blockdiag(U), A = B⁻¹U is unit upper triangular, H + λI = A⁻¹ (BᵀB)⁻¹ A⁻ᵀ, so
-L = A⁻¹ and D = (BᵀB)⁻¹. Inputs that are never active (diag H = 0) get zero weight, as in GPTQ. Without calibration
-data H = I: L = I and BlockLDLQ is nearest-codeword rounding.
+proxy loss tr((W − Ŵ) H (W − Ŵ)ᵀ) = ‖(W − Ŵ)X‖² greedily block by block. This is GPTQ's block OBS update with
+8-column steps (with U the upper Cholesky factor of (H + λI)⁻¹ and B = blockdiag(U): L = (B⁻¹U)⁻¹,
+D = (BᵀB)⁻¹), so it runs in the shared engine, llmq.methods.feedback.error_feedback, with nearest-codeword
+rounding as the plug-in. Inputs that are never active (diag H = 0) get zero weight, as in GPTQ. Without
+calibration data H = I: BlockLDLQ is nearest-codeword rounding.
 
 The intended use is on top of per-layer incoherence processing (`--rotate hadamard`): the rotated weights are close
 to Gaussian, so one scale per layer fits: s₁ = RMS(W) / GAUSS_RMS · scale (the MSE-optimal scale for a standard
@@ -24,80 +24,49 @@ Recipe options: damp (0.01), scale (1.0), scale_search (false).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..codebooks.e8p import DIM, GAUSS_RESID, GAUSS_RMS, STAGES, rvq_encode
 from ..errors import InputError
 from ..formats.e8p import E8PQuantized, check_shape
-from .gptq import inverse_hessian_cholesky, one_thread
+from .feedback import Quantizer, error_feedback, hessian_factor, one_thread
+from .base import Calibration, Method, option, register
 from .options import DAMP, FLAG, number
 
 SEARCH_GRID = (0.8, 0.9, 1.0, 1.1, 1.25)
-LAZY = 128  # feedback from earlier super-blocks is applied LAZY columns at a time (one matmul), as GPTQ's lazy batches
 
 
-def block_ldl(H: torch.Tensor, damp: float = 0.01, block: int = DIM) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L, D) with H + λI = L D Lᵀ, L unit block-upper-triangular, D block-diagonal (blocks of `block` columns)."""
-    n = H.shape[0]
-    if n % block:
-        raise ValueError(f"block LDL needs a size divisible by {block}, got {n}")
-    U = inverse_hessian_cholesky(H.to(torch.float32), damp)
-    nb = n // block
-    Ub = torch.stack([U[i:i + block, i:i + block] for i in range(0, n, block)])  # [nb, b, b]
-    A = torch.linalg.solve_triangular(Ub, U.reshape(nb, block, n), upper=True).reshape(n, n)  # B⁻¹U
-    eye = torch.eye(n, dtype=A.dtype)
-    for i in range(0, n, block):  # its diagonal blocks are U_bb⁻¹U_bb = I: make that exact, so L's are too
-        A[i:i + block, i:i + block] = eye[:block, :block]
-    L = torch.linalg.solve_triangular(A, eye, upper=True, unitriangular=True)
-    D = torch.block_diag(*torch.linalg.inv(Ub.transpose(1, 2) @ Ub))
-    return L, D
+class NearestCodeword(Quantizer):
+    """The plug-in for `error_feedback`: each row's 8 weights of a block (the target, weights plus feedback)
+    become the nearest E8P codeword (plus residual stages)."""
+
+    width = DIM
+
+    def __init__(self, rows: int, cols: int, scales: list[float], stages: tuple[str, ...]):
+        self.scales, self.stages = scales, stages
+        self.codes = [torch.empty(rows, cols // DIM, dtype=torch.int64) for _ in stages]
+        self.What_t = torch.empty(cols, rows)
+
+    def residual(self, j: int, x: torch.Tensor, out: torch.Tensor) -> None:
+        c, rec = rvq_encode(x.T, self.scales, self.stages)
+        for i, ci in enumerate(c):
+            self.codes[i][:, j // DIM] = ci
+        self.What_t[j:j + DIM] = rec.T
+        torch.sub(x, rec.T, out=out)
 
 
-_FEEDBACK_CACHE: dict = {}
-
-
-def feedback_matrix(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dead inputs, L − I) for a layer's H. Layers reading the same input (q/k/v, gate/up) share one H object and
-    so one factorisation."""
-    key = (id(H), H._version, damp)
-    if _FEEDBACK_CACHE.get("key") == key and _FEEDBACK_CACHE.get("H") is H:
-        return _FEEDBACK_CACHE["value"]
-    Hd = H.to(torch.float32).clone()
-    dead = torch.diag(Hd) == 0
-    Hd[dead, dead] = 1
-    L, _ = block_ldl(Hd, damp)
-    value = (dead, L - torch.eye(L.shape[0]))
-    _FEEDBACK_CACHE.update(key=key, H=H, value=value)
-    return value
-
-
-def block_ldlq(W: torch.Tensor, M: torch.Tensor | None, scales: list[float], stages: tuple[str, ...]):
-    """Quantize W [N, K] in blocks of 8 columns with feedback matrix M = L − I (None: no feedback).
+def block_ldlq(W: torch.Tensor, U: torch.Tensor | None, scales: list[float], stages: tuple[str, ...]):
+    """Quantize W [N, K] in blocks of 8 columns with error feedback through U (None: no feedback).
     Returns (codes per stage [N, K/8], Ŵ)."""
     rows, cols = W.shape
-    nv = cols // DIM
-    if M is None:
+    if U is None:
         codes, rec = rvq_encode(W.reshape(-1, DIM), scales, stages)
-        return [c.reshape(rows, nv) for c in codes], rec.reshape(rows, cols)
-    codes = [torch.empty(rows, nv, dtype=torch.int64) for _ in stages]
-    What = torch.empty_like(W)
-    R = torch.empty_like(W)  # W − Ŵ of the finished columns
-    for s0 in range(0, cols, LAZY):
-        s1 = min(s0 + LAZY, cols)
-        T = W[:, s0:s1].clone()  # targets: W plus feedback from all earlier super-blocks, in one matmul
-        if s0:
-            T.addmm_(R[:, :s0], M[:s0, s0:s1])
-        for b0 in range(s0, s1, DIM):
-            b1 = b0 + DIM
-            x = T[:, b0 - s0:b1 - s0]
-            if b0 > s0:  # feedback from this super-block's finished blocks
-                x = x + R[:, s0:b0] @ M[s0:b0, b0:b1]
-            c, rec = rvq_encode(x, scales, stages)
-            for i, ci in enumerate(c):
-                codes[i][:, b0 // DIM] = ci
-            What[:, b0:b1] = rec
-            R[:, b0:b1] = W[:, b0:b1] - rec
-    return codes, What
+        return [c.reshape(rows, cols // DIM) for c in codes], rec.reshape(rows, cols)
+    nearest = NearestCodeword(rows, cols, scales, stages)
+    error_feedback(W.T.contiguous(), U, nearest)
+    return nearest.codes, nearest.What_t.T
 
 
 def proxy_loss(W: torch.Tensor, What: torch.Tensor, H: torch.Tensor | None) -> float:
@@ -122,16 +91,16 @@ def e8p_quantize(w: torch.Tensor, H: torch.Tensor | None = None, bits: int = 2, 
     rows, cols = w.shape
     check_shape(rows, cols)
     W = w.to(torch.float32).clone()
-    M = None
+    U = None
     if H is not None:
-        dead, M = feedback_matrix(H, damp)
+        dead, _, U, _ = hessian_factor(H, cols, damp)
         W[:, dead] = 0
     stages = STAGES[bits]
     best = None
     with one_thread():
         for mult in (SEARCH_GRID if scale_search else (1.0,)):
             scales = stage_scales(W, bits, scale * mult)
-            codes, What = block_ldlq(W, M, scales, stages)
+            codes, What = block_ldlq(W, U, scales, stages)
             loss = proxy_loss(W, What, H) if scale_search else 0.0
             if best is None or loss < best[0]:
                 best = (loss, codes, scales)
@@ -139,18 +108,25 @@ def e8p_quantize(w: torch.Tensor, H: torch.Tensor | None = None, bits: int = 2, 
     return E8PQuantized(codes=codes, scales=torch.tensor(scales, dtype=torch.float32), bits=bits)
 
 
-class E8P:
+@register
+class E8P(Method):
     name = "e8p"
-    needs_hessian = False  # BlockLDLQ with calibration data; nearest-codeword rounding without
+    format = "e8p"
+    bit_widths = "2, 3, 4"
+    calibration = Calibration.USES  # BlockLDLQ with calibration data; nearest-codeword rounding without
     uses_fields = frozenset({"bits"})  # one scale per layer: no groups, no zero point
-    options_schema = {"damp": DAMP, "scale": number(0.05, 20.0), "scale_search": FLAG}
 
-    @staticmethod
-    def check_spec(spec, where: str) -> None:
+    @dataclass(frozen=True)
+    class Options:
+        damp: float = option(0.01, DAMP, "Hessian damping, fraction of mean diag H")
+        scale: float = option(1.0, number(0.05, 20.0), "multiplier of the Gaussian-optimal codebook scale")
+        scale_search: bool = option(False, FLAG, "try several scale multipliers, keep the least proxy loss")
+
+    def check_spec(self, spec, where: str) -> None:
         if spec.bits not in STAGES:
             raise InputError(f"{where}: e8p takes --bits 2, 3 or 4 (E8P, E8P + 1-bit E8, E8P + E8P), got {spec.bits!r}")
 
     def quantize(self, weight: torch.Tensor, spec, hessian=None) -> E8PQuantized:
-        o = spec.options
-        return e8p_quantize(weight, hessian, bits=spec.bits, damp=float(o.get("damp", 0.01)),
-                            scale=float(o.get("scale", 1.0)), scale_search=bool(o.get("scale_search", False)))
+        o = self.options(spec)
+        return e8p_quantize(weight, hessian, bits=spec.bits, damp=float(o.damp), scale=float(o.scale),
+                            scale_search=bool(o.scale_search))

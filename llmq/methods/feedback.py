@@ -1,124 +1,168 @@
-"""Shared machinery of the binary and ternary methods: GPTQ error feedback for any per-column quantizer, and the
-least-squares refit of per-row scales against the layer's output error.
+"""GPTQ error feedback (Frantar et al., 2022), one engine for every method that uses it (gptq, ternary, pbllm,
+billm, vq, e8p). The quantizer is a plug-in; the engine owns the Hessian factor and the update order.
 
-Error feedback (GPTQ, Frantar et al. 2022) with U the upper Cholesky factor of (H + λI)⁻¹ (`gptq._factor`):
-    column-wise:  e_j = (w_j − q_j) / U_jj,   W[:, j+1:] −= e_j U[j, j+1:]        (lazy blocks of 128)
-    block-wise:   E = W_b − Q_b quantized all at once;  W[:, later] −= (E U_bb⁻¹) U[b, later]
-The block form is the exact OBS update for a block whose values were chosen together (BiLLM binarizes a whole
-128-column block at once; its reference code divides by diag U_bb only, an approximation).
+With U the upper Cholesky factor of (H + λI)⁻¹ (H = 2XXᵀ/N, λ = damp · mean diag H), columns are quantized in
+order, `width` at a time (1 for scalar grids, d for d-dimensional codebooks, a whole block for BiLLM):
 
-Scale refit: once the signs/trits are fixed, a layer's weight is linear in its scales, Q = Σ_g α_g ⊙ V_g (one α
-per row per basis). The scales minimising the layer's output error ‖(W − Q)X‖² = tr((W − Q) H (W − Q)ᵀ) solve, per
-row, the small system  Σ_h (v_g H v_hᵀ) α_h = v_g H (w − fixed)ᵀ  — the same objective GPTQ minimises greedily.
+    for each step b of `width` columns:
+        R_b = W_b − Q(W_b)                          (the plug-in: the rounding error of the columns as updated)
+        E_b = R_b U_bb⁻¹                            (1 column: R_b / U_bb)
+        W[:, later] −= E_b U[b, later]              (the block OBS update: later columns compensate)
+
+The update is lazy (GPTQ's batching): errors reach the rest of a 128-column block only at the end of each
+32-column sub-block, and the columns after the block only at the block's end, each as one matrix product. Rounding
+decisions see exactly the same weights as with immediate updates. Grids fixed per group from the weights as
+they stand (GPTQ's dynamic groups, ternary's thresholds) are set when a group's first column comes up, after the
+pending errors have reached it.
+
+The loop works on Wᵀ ([column, row] layout: each step reads and updates contiguous memory) on one thread.
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
+from contextlib import contextmanager
 import torch
 
-from .gptq import _factor, one_thread
+BLOCK = 128  # lazy batch: errors reach the columns after a block once per block
+SUB_BLOCK = 32  # nested lazy batch: a column's rank-1 update touches at most the rest of its sub-block
 
 
-def cholesky_factor(H: torch.Tensor | None, cols: int, damp: float = 0.01):
-    """(dead columns, upper Cholesky factor of the damped inverse Hessian); H = None means H = I (no data)."""
+class Quantizer:
+    """The plug-in of `error_feedback`: quantizes `width` columns of Wᵀ at a time."""
+
+    width: int = 1
+
+    def starts_group(self, j: int) -> bool:
+        """Column j is the first of a group whose grid is fixed from the weights as updated (`start_group`)."""
+        return False
+
+    def start_group(self, j: int, rest: torch.Tensor) -> None:
+        """rest: the not yet quantized columns j.. ([cols − j, rows]), with every earlier error applied."""
+
+    def residual(self, j: int, x: torch.Tensor, out: torch.Tensor) -> None:
+        """Quantize columns j..j+w−1, x = their current weights [w, rows] (w = width, or fewer at the end);
+        write the rounding error x − Q(x) into out [w, rows]."""
+        raise NotImplementedError
+
+
+# ---- the Hessian factor ------------------------------------------------------------------------------------------
+
+def lower_triangular_inverse(L: torch.Tensor, leaf: int = 256) -> torch.Tensor:
+    """L⁻¹ for lower-triangular L by halves: [[A, 0], [B, C]]⁻¹ = [[A⁻¹, 0], [−C⁻¹ B A⁻¹, C⁻¹]] (about n³/3
+    multiply-adds in matrix products, where a triangular solve against I costs n³)."""
+    n = L.shape[0]
+    if n <= leaf:
+        return torch.linalg.solve_triangular(L, torch.eye(n, dtype=L.dtype), upper=False)
+    k = (n // 2 + 31) // 32 * 32
+    out = torch.zeros_like(L)
+    out[:k, :k] = lower_triangular_inverse(L[:k, :k], leaf)
+    out[k:, k:] = lower_triangular_inverse(L[k:, k:], leaf)
+    torch.mm(out[k:, k:], L[k:, :k] @ out[:k, :k], out=out[k:, :k]).neg_()
+    return out
+
+
+def inverse_hessian_cholesky(H: torch.Tensor, damp: float, max_tries: int = 6, with_damping: bool = False):
+    """Upper Cholesky factor U of (H + λI)⁻¹ (UᵀU = (H + λI)⁻¹); λ grows tenfold each time the factorisation
+    fails. Without forming the inverse: with J the order reversal and J(H + λI)J = L Lᵀ, (H + λI)⁻¹ =
+    (J L⁻¹ J)ᵀ (J L⁻¹ J) and J L⁻¹ J is upper triangular, so U = J L⁻¹ J (one Cholesky and one triangular
+    inverse; closer to fp64 than inverse-then-Cholesky). `with_damping`: return (U, λ)."""
+    mean_diag = torch.mean(torch.diag(H))
+    eye = torch.eye(H.shape[0], dtype=H.dtype)
+    flipped = H.flip(0, 1)
+    for _ in range(max_tries):
+        L, info = torch.linalg.cholesky_ex(flipped + damp * mean_diag * eye)
+        if info == 0:
+            U = lower_triangular_inverse(L).flip(0, 1)
+            if torch.isfinite(U).all():
+                return (U, float(damp * mean_diag)) if with_damping else U
+        damp *= 10
+    raise RuntimeError(f"Hessian is not positive definite even with damping {damp / 10:g}")
+
+
+_FACTOR_CACHE: dict = {}
+
+
+def hessian_factor(H: torch.Tensor | None, cols: int, damp: float = 0.01, act_order: bool = False,
+                   dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """(dead columns, column order, U in that order, damping λ). Dead inputs (diag H = 0) carry no information:
+    their diagonal is set to 1 here and their weights are zeroed by the caller. `act_order`: columns in decreasing
+    diag H order. H = None (no calibration data) means H = I. Layers reading the same input share one H object
+    (q/k/v, gate/up) and so one factorisation."""
     if H is None:
-        return torch.zeros(cols, dtype=torch.bool), torch.eye(cols)
-    dead, _perm, U, _damping = _factor(H, False, damp, torch.float32)
-    return dead, U
+        return torch.zeros(cols, dtype=torch.bool), torch.arange(cols), torch.eye(cols, dtype=dtype), 0.0
+    key = (id(H), H._version, act_order, damp, dtype)
+    if _FACTOR_CACHE.get("key") == key and _FACTOR_CACHE.get("H") is H:
+        return _FACTOR_CACHE["value"]
+    Hd = H.to(dtype).clone()
+    dead = torch.diag(Hd) == 0
+    Hd[dead, dead] = 1
+    perm = torch.argsort(torch.diag(Hd), descending=True) if act_order else torch.arange(Hd.shape[0])
+    value = (dead, perm, *inverse_hessian_cholesky(Hd[perm[:, None], perm], damp, with_damping=True))
+    _FACTOR_CACHE.update(key=key, H=H, value=value)
+    return value
 
 
-def column_feedback(W: torch.Tensor, U: torch.Tensor, quant_col: Callable, block_size: int = 128,
-                    group_start: Callable | None = None) -> torch.Tensor:
-    """GPTQ's lazy-batch loop with an arbitrary column quantizer. W [rows, cols] is not modified.
+def diagonal_block_inverses(U: torch.Tensor, width: int) -> list[torch.Tensor]:
+    """U_bb⁻¹ for the diagonal blocks of `width` columns (the last one may be narrower)."""
+    n = U.shape[0]
+    return [torch.linalg.solve_triangular(U[b:b + width, b:b + width], torch.eye(min(width, n - b), dtype=U.dtype),
+                                          upper=True) for b in range(0, n, width)]
 
-    quant_col(j, w_j) -> q_j (the quantized column, fp32 [rows]); group_start(j, rest) is called before each
-    column j with a function returning the still-unquantized columns j.. as [cols_left, rows] (updated so far),
-    for quantizers that fix a group's grid from the weights as they stand. Returns Q [rows, cols]."""
-    rows, cols = W.shape
+
+@contextmanager
+def one_thread():
+    """The column loop is thousands of small ops: intra-op threads only add synchronisation, so it runs on one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+# ---- the engine --------------------------------------------------------------------------------------------------
+
+def error_feedback(Wt: torch.Tensor, U: torch.Tensor, quantizer: Quantizer, block_size: int = BLOCK) -> torch.Tensor:
+    """GPTQ's lazy-batch loop (module docstring) on Wt = Wᵀ [cols, rows] in quantization order, updated in place
+    (each column ends as it stood when quantized). Returns Σ_j e_j² per row: W − Q = E U, so this is
+    tr((W − Q)(H + λI)(W − Q)ᵀ) per row, the layer's output error plus λ‖W − Q‖²."""
+    cols, rows = Wt.shape
+    d = quantizer.width
+    block_size = max(d, block_size - block_size % d)
+    sub = max(d, SUB_BLOCK - SUB_BLOCK % d)
+    inverses = diagonal_block_inverses(U, d) if d > 1 else None
+    energy = torch.zeros(rows, dtype=Wt.dtype)
     with one_thread():
-        Wt = W.T.contiguous()  # [cols, rows]: each column step reads and updates contiguous memory
-        Qt = torch.empty_like(Wt)
         for b0 in range(0, cols, block_size):
             b1 = min(b0 + block_size, cols)
             W1 = Wt[b0:b1].clone()
             Err1 = torch.empty_like(W1)
             U1 = U[b0:b1, b0:b1]
-            for i in range(b1 - b0):
-                j = b0 + i
-                if group_start is not None:
-                    group_start(j, lambda i=i: torch.cat([W1[i:], Wt[b1:]]))
-                q = quant_col(j, W1[i])
-                Qt[j] = q
-                torch.sub(W1[i], q, out=Err1[i]).div_(U1[i, i])
-                W1[i + 1:].addr_(U1[i, i + 1:], Err1[i], alpha=-1)
-            Wt[b1:].addmm_(U[b0:b1, b1:].T, Err1, alpha=-1)
-    return Qt.T.contiguous()
-
-
-def block_feedback(W: torch.Tensor, U: torch.Tensor, b0: int, b1: int, Q1: torch.Tensor) -> None:
-    """Block-wise OBS update: the block W[:, b0:b1] was quantized to Q1 all at once; push its error onto the
-    later columns of W (in place)."""
-    if b1 >= W.shape[1]:
-        return
-    E = W[:, b0:b1] - Q1
-    Err = torch.linalg.solve_triangular(U[b0:b1, b0:b1], E, upper=True, left=False)  # E = Err · U_bb
-    W[:, b1:].addmm_(Err, U[b0:b1, b1:], alpha=-1)
-
-
-def _solve_rows(G: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    """Batched small SPD solves [N, B, B] x = [N, B]; empty bases (zero diagonal) get α = 0."""
-    G, rhs = G.double(), rhs.double()
-    empty = torch.diagonal(G, dim1=1, dim2=2) <= 0
-    G = G + torch.diag_embed(empty.double())
-    rhs = torch.where(empty, 0.0, rhs)
-    ridge = 1e-9 * torch.diagonal(G, dim1=1, dim2=2).mean(-1, keepdim=True).clamp_min(1e-30)
-    G = G + torch.diag_embed(ridge.expand_as(rhs))
-    x, info = torch.linalg.solve_ex(G, rhs.unsqueeze(-1))
-    x = x.squeeze(-1)
-    if (info != 0).any():
-        x[info != 0] = torch.linalg.lstsq(G[info != 0], rhs[info != 0].unsqueeze(-1)).solution.squeeze(-1)
-    return x.float()
-
-
-def damped(H: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
-    Hd = H.to(torch.float32).clone()
-    Hd.diagonal().add_(damp * float(Hd.diagonal().mean()))
-    return Hd
-
-
-def refit_bases(w: torch.Tensor, H: torch.Tensor, bases: list[torch.Tensor], fixed: torch.Tensor | None = None,
-                damp: float = 0.01) -> torch.Tensor:
-    """Per-row scales [N, len(bases)] minimising ‖(w − fixed − Σ_g α_g ⊙ V_g) X‖² (H-weighted least squares)."""
-    Hd = damped(H, damp)
-    target = w if fixed is None else w - fixed
-    P = [v @ Hd for v in bases]  # one [N, K] x [K, K] product per basis
-    B = len(bases)
-    G = torch.empty(w.shape[0], B, B)
-    for g in range(B):
-        for h in range(g, B):
-            G[:, g, h] = G[:, h, g] = (P[g] * bases[h]).sum(1)
-    rhs = torch.stack([(p * target).sum(1) for p in P], 1)
-    return _solve_rows(G, rhs)
-
-
-def refit_groups(w: torch.Tensor, H: torch.Tensor, values: torch.Tensor, group_size: int,
-                 fixed: torch.Tensor | None = None, damp: float = 0.01) -> torch.Tensor:
-    """Per-row, per-group scales [N, G] for Q = α[:, k // group_size] · values, H-weighted least squares.
-    Bases of different groups have disjoint columns, so all G bases cost one [N, K] x [K, K] product."""
-    n, k = values.shape
-    g = group_size or k
-    ng = -(-k // g)
-    Hd = damped(H, damp)
-    target = w if fixed is None else w - fixed
-    G = torch.empty(n, ng, ng)
-    for h in range(ng):  # Y_h = V_h H[C_h, :]: the basis of group h times H, then summed over each group's columns
-        c0, c1 = h * g, min(h * g + g, k)
-        Y = values[:, c0:c1] @ Hd[c0:c1]
-        prod = torch.nn.functional.pad(Y * values, (0, ng * g - k)).reshape(n, ng, g).sum(-1)
-        G[:, :, h] = prod
-    Pt = target @ Hd
-    rhs = torch.nn.functional.pad(Pt * values, (0, ng * g - k)).reshape(n, ng, g).sum(-1)
-    return _solve_rows(G, rhs)
-
+            if d == 1:  # per-column views and 1/U_jj made once per block: the loop's ops are tiny
+                xs, errs, err_rows, u_rows = W1.split(1), Err1.split(1), Err1.unbind(0), U1.unbind(0)
+                inv_diag = U1.diagonal().reciprocal().tolist()
+            for s0 in range(0, b1 - b0, sub):
+                s1 = min(s0 + sub, b1 - b0)
+                pending = s0  # columns whose errors have not yet reached the columns after s1
+                for i in range(s0, s1, d):
+                    if quantizer.starts_group(b0 + i):
+                        if i > pending:  # the group's columns past s1 first receive the pending errors
+                            W1[s1:].addmm_(U1[pending:i, s1:].T, Err1[pending:i], alpha=-1)
+                            pending = i
+                        quantizer.start_group(b0 + i, torch.cat([W1[i:], Wt[b1:]]))
+                    if d == 1:
+                        quantizer.residual(b0 + i, xs[i], errs[i])
+                        err_rows[i].mul_(inv_diag[i])  # e_j = r_j / U_jj
+                        if i + 1 < s1:
+                            W1[i + 1:s1].addr_(u_rows[i][i + 1:s1], err_rows[i], alpha=-1.0)
+                    else:
+                        i1 = min(i + d, s1)
+                        quantizer.residual(b0 + i, W1[i:i1], Err1[i:i1])
+                        Err1[i:i1] = inverses[(b0 + i) // d].T @ Err1[i:i1]  # E_b = R_b U_bb⁻¹ (transposed)
+                        if i1 < s1:
+                            W1[i1:s1].addmm_(U1[i:i1, i1:s1].T, Err1[i:i1], alpha=-1)
+                W1[s1:].addmm_(U1[pending:s1, s1:].T, Err1[pending:s1], alpha=-1)  # lazy update within the block
+            Wt[b1:].addmm_(U[b0:b1, b1:].T, Err1, alpha=-1)  # lazy update of the columns after the block
+            Wt[b0:b1] = W1
+            energy += Err1.square().sum(0)
+    return energy

@@ -33,11 +33,14 @@ the sink token's huge activation multiplies it. The column norms, not data, find
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..formats.lut import LutQuantized, code_count
 from .grids import gaussian_grid, nearest_1d, nearest_2d
 from .lut_common import check_group_size_even, expand, fp16_scale, group_reduce, group_sum
+from .base import Calibration, Method, option, register
 from .options import FLAG, choice, integer, optional
 
 HIGGS_BITS = (2, 3, 4)
@@ -122,26 +125,33 @@ def higgs_quantize(w: torch.Tensor, bits: int = 4, group_size: int = 128, dim: i
                         input_scale=c)
 
 
-class HIGGS:
+@register
+class HIGGS(Method):
     name = "higgs"
-    needs_hessian = False
-    uses_calibration = False  # weights alone: --calib auto skips the calibration forward
+    format = "lut"
+    bit_widths = "2, 3, 4"
+    calibration = Calibration.IGNORES
     uses_fields = frozenset({"bits", "group_size"})  # Gaussian grids: symmetric, no clipping search
-    options_schema = {"dim": choice(1, 2), "rotate": FLAG, "seed": integer(0, 2**31 - 1), "scale": choice("rms", "mse"),
-                      "hadamard_size": optional(integer(2, 1 << 20)), "column_scale": FLAG}
 
-    @staticmethod
-    def check_spec(spec, where: str) -> None:
+    @dataclass(frozen=True)
+    class Options:
+        dim: int = option(1, choice(1, 2), "grid dimension: 1 (per weight) or 2 (pairs of weights)")
+        rotate: bool = option(True, FLAG, "randomized Hadamard rotation of each row (false: ablation)")
+        seed: int = option(0, integer(0, 2**31 - 1), "seed of the rotation's random signs")
+        scale: str = option("rms", choice("rms", "mse"), "group scale: RMS, or refined by least squares (mse)")
+        hadamard_size: int | None = option(None, optional(integer(2, 1 << 20)), "rotate runs of this many inputs (null: whole row)")
+        column_scale: bool = option(False, FLAG, "divide input columns by their RMS before the rotation (llmq extension)")
+
+    def check_spec(self, spec, where: str) -> None:
         from ..errors import InputError
 
         if spec.bits not in HIGGS_BITS:
             raise InputError(f"{where}: higgs grids exist for {', '.join(map(str, HIGGS_BITS))} bits, got {spec.bits}")
-        if spec.options.get("dim", 1) == 2:
+        if self.options(spec).dim == 2:
             check_group_size_even(spec, where)
 
     def quantize(self, weight: torch.Tensor, spec, hessian=None) -> LutQuantized:
-        o = spec.options
-        return higgs_quantize(weight, spec.bits, spec.group_size, dim=int(o.get("dim", 1)), rotate=bool(o.get("rotate", True)),
-                              seed=int(o.get("seed") or 0), scale=str(o.get("scale", "rms")),
-                              hadamard_size=int(o["hadamard_size"]) if o.get("hadamard_size") else None,
-                              column_scale=bool(o.get("column_scale", False)))
+        o = self.options(spec)
+        return higgs_quantize(weight, spec.bits, spec.group_size, dim=int(o.dim), rotate=bool(o.rotate), seed=int(o.seed or 0),
+                              scale=str(o.scale), hadamard_size=int(o.hadamard_size) if o.hadamard_size else None,
+                              column_scale=bool(o.column_scale))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..formats.lut import LutQuantized
+from .base import Calibration, Method, register
 from .grids import nearest_1d, nf4_table
 from .lut_common import expand, fp16_scale, group_reduce
 
@@ -25,12 +26,13 @@ def nf4_quantize(w: torch.Tensor, group_size: int = 64) -> LutQuantized:
                         group_size=group_size, in_features=w.shape[1], grid="nf4")
 
 
-class NF4:
+@register
+class NF4(Method):
     name = "nf4"
-    needs_hessian = False
-    uses_calibration = False  # weights alone: --calib auto skips the calibration forward
+    format = "lut"
+    bit_widths = "4"
+    calibration = Calibration.IGNORES
     uses_fields = frozenset({"group_size"})  # always 4-bit, a fixed symmetric table
-    options_schema: dict = {}
     default_group_size = 64
 
     def quantize(self, weight: torch.Tensor, spec, hessian=None) -> LutQuantized:

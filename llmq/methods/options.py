@@ -1,32 +1,12 @@
-"""Method capabilities and the validation of method-specific recipe `options` (bad values are the user's:
-one-line InputError).
-
-Each method class declares, as class attributes,
-  uses_fields:    the common recipe fields it reads, out of COMMON_FIELDS (a value given for another is refused);
-  options_schema: {option: (predicate, description)}, every key its `quantize` reads from `spec.options`;
-  needs_hessian:  it cannot run without calibration data;
-  uses_calibration (default True): it uses calibration data when given (False: `--calib auto` skips it);
-  check_spec / check_layer (optional): limits of a spec, and of a spec on a layer's shape, checked up front.
+"""Value checks of method options (the `check` of each `option(...)` field, llmq.methods.base) and the common recipe
+fields. A check is (predicate, description); bad values are the user's: a one-line InputError names the option.
 Values must have their YAML type: a quoted "false" is not a boolean, `true` is not an integer."""
 
 from __future__ import annotations
 
 import math
 
-from ..errors import InputError
-
 COMMON_FIELDS = ("bits", "group_size", "sym", "mse_clip")
-
-
-def check_options(method, options: dict, where: str) -> None:
-    schema = method.options_schema
-    for k, v in options.items():
-        if k not in schema:
-            takes = f"{method.name} options: {', '.join(sorted(schema))}" if schema else f"{method.name} takes no options"
-            raise InputError(f"{where}: {method.name} does not use {k} ({takes})")
-        ok, what = schema[k]
-        if not ok(v):
-            raise InputError(f"{where}: option {k} must be {what}, got {v!r}")
 
 
 def is_int(v) -> bool:

@@ -8,19 +8,23 @@
   8-bit      symmetric per row: value = s · q, q ∈ [−127, 127], s = max |w| / 127
   binary     α per row and group = mean |w| over the group's non-salient weights (the optimal one-basis scale),
              fixed from the unmodified weights; σ = sign(w)
-  feedback   column by column, GPTQ (llmq.methods.feedback.column_feedback)
+  feedback   column by column, GPTQ (llmq.methods.feedback.error_feedback)
 Then, with the signs and 8-bit codes fixed, the α are refit per row by H-weighted least squares.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from ..formats.bitplanes import EMPTY_SLOT
 from ..formats.intq import default_group_index, n_groups
 from ..formats.pbllm import BLOCK, PbllmQuantized
+from .base import Calibration, Method, option, register
 from .options import DAMP, FLAG, number
-from .feedback import cholesky_factor, column_feedback, refit_groups
+from .feedback import Quantizer, error_feedback, hessian_factor
+from .refit import refit_groups
 
 FP16_TINY = 2.0**-24
 
@@ -42,32 +46,38 @@ def _select(metric: torch.Tensor, ratio: float, block: int):
     return mask, idx
 
 
+class PartialBinary(Quantizer):
+    """The plug-in for `error_feedback`: a salient weight is rounded to its row's 8-bit grid, any other to
+    ±α of its row and group."""
+
+    def __init__(self, mask: torch.Tensor, s8: torch.Tensor, alpha: torch.Tensor, group_index: torch.Tensor):
+        self.mask, self.s8, self.alpha = mask.T.contiguous(), s8, alpha.T.contiguous()  # [cols, rows], [rows], [G, rows]
+        self.group_of = group_index.tolist()
+        self.codes, self.signs = torch.zeros(mask.shape[1], mask.shape[0]), torch.empty(mask.shape[1], mask.shape[0])
+
+    def residual(self, j: int, x: torch.Tensor, out: torch.Tensor) -> None:
+        s = torch.where(x >= 0, 1.0, -1.0)
+        c = torch.clamp(torch.round(x / self.s8), -127, 127)
+        self.signs[j:j + 1], self.codes[j:j + 1] = s, c
+        torch.sub(x, torch.where(self.mask[j], c * self.s8, self.alpha[self.group_of[j]] * s), out=out)
+
+
 def pbllm_quantize(w: torch.Tensor, H: torch.Tensor | None, salient_ratio: float = 0.1, group_size: int = 128,
                    damp: float = 0.01, refit: bool = True, block: int = BLOCK) -> PbllmQuantized:
     rows, cols = w.shape
     w = w.to(torch.float32)
-    dead, U = cholesky_factor(H, cols, damp)
+    dead, _, U, _ = hessian_factor(H, cols, damp)
     W = w.clone()
     W[:, dead] = 0
     mask, idx = _select(W.square() / torch.diagonal(U).square()[None, :], salient_ratio, block)
     s8 = (W.abs().amax(1) / 127).clamp_min(FP16_TINY).half().float()
     gi = default_group_index(cols, group_size)
-    gl = gi.tolist()
     G = n_groups(cols, group_size)
     nonsal = (~mask).float()
     alpha = torch.zeros(rows, G).index_add_(1, gi, W.abs() * nonsal) / torch.zeros(rows, G).index_add_(1, gi, nonsal).clamp_min(1)
-    alpha = alpha.half().float()
-    codes = torch.zeros(rows, cols)
-    signs = torch.empty(rows, cols)
-
-    def quant(j, wj):
-        s = torch.where(wj >= 0, 1.0, -1.0)
-        signs[:, j] = s
-        c = torch.clamp(torch.round(wj / s8), -127, 127)
-        codes[:, j] = c
-        return torch.where(mask[:, j], c * s8, alpha[:, gl[j]] * s)
-
-    column_feedback(W, U, quant, block_size=block)
+    grid = PartialBinary(mask, s8, alpha.half().float(), gi)
+    error_feedback(W.T.contiguous(), U, grid, block)
+    codes, signs, alpha = grid.codes.T.contiguous(), grid.signs.T.contiguous(), grid.alpha.T.contiguous()
     fixed = torch.where(mask, codes * s8[:, None], 0.0)
     values = torch.where(mask, 0.0, signs)
     if refit and H is not None:
@@ -78,13 +88,21 @@ def pbllm_quantize(w: torch.Tensor, H: torch.Tensor | None, salient_ratio: float
                           sparse_q=q8.to(torch.int8), sparse_scale=s8.half(), group_size=group_size, block=block)
 
 
-class PBLLM:
+@register
+class PBLLM(Method):
     name = "pbllm"
-    needs_hessian = True
+    format = "pbllm"
+    bit_widths = "1 + 8-bit salient weights"
+    calibration = Calibration.NEEDS
     uses_fields = frozenset({"group_size"})  # binary + 8-bit salient weights: no bits choice
-    options_schema = {"salient_ratio": number(0.0, 1.0), "damp": DAMP, "refit": FLAG}
+
+    @dataclass(frozen=True)
+    class Options:
+        salient_ratio: float = option(0.1, number(0.0, 1.0), "share of weights kept at 8 bits (Hessian salience)")
+        damp: float = option(0.01, DAMP, "Hessian damping, fraction of mean diag H")
+        refit: bool = option(True, FLAG, "refit the binary scales by H-weighted least squares")
 
     def quantize(self, weight: torch.Tensor, spec, hessian=None) -> PbllmQuantized:
-        o = spec.options
-        return pbllm_quantize(weight, hessian, salient_ratio=float(o.get("salient_ratio", 0.1)),
-                              group_size=spec.group_size, damp=float(o.get("damp", 0.01)), refit=bool(o.get("refit", True)))
+        o = self.options(spec)
+        return pbllm_quantize(weight, hessian, salient_ratio=float(o.salient_ratio), group_size=spec.group_size,
+                              damp=float(o.damp), refit=bool(o.refit))

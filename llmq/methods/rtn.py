@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..formats.intq import IntQuantized, default_group_index, n_groups
+from .base import Calibration, Method, register
 from .options import COMMON_FIELDS
 
 FP16_MAX, FP16_TINY = 65504.0, 2.0**-24
@@ -95,12 +96,13 @@ def rtn_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool, mse_cli
     )
 
 
-class RTN:
+@register
+class RTN(Method):
     name = "rtn"
-    needs_hessian = False
-    uses_calibration = False  # weights alone: --calib auto skips the calibration forward
+    format = "int"
+    bit_widths = "2-8"
+    calibration = Calibration.IGNORES
     uses_fields = frozenset(COMMON_FIELDS)
-    options_schema: dict = {}
 
     def quantize(self, weight: torch.Tensor, spec, hessian=None) -> IntQuantized:
         return rtn_quantize(weight, spec.bits, spec.group_size, spec.sym, spec.mse_clip)

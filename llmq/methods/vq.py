@@ -13,11 +13,12 @@ Three steps per layer, all against the layer's input Hessian H = 2XXᵀ/N (H = I
    coordinate weighted mean, c_{a,t} = Σ h x / Σ h; an empty centroid keeps its value) each never increase the
    objective.
 2. Assignment with GPTQ error feedback, d columns at a time in column order. With U the upper Cholesky factor of the
-   damped inverse Hessian (`gptq.inverse_hessian_cholesky`, damping 1% of mean diag H raised tenfold on failure) and
+   damped inverse Hessian (`feedback.hessian_factor`, damping 1% of mean diag H raised tenfold on failure) and
    U_bb its d×d diagonal block at the current columns, the OBS cost of quantizing the vector x of a row to q, when
    the later columns compensate, is (x − q)(U_bbᵀU_bb)⁻¹(x − q)ᵀ = ‖(x − q)U_bb⁻¹‖² (GPTVQ's metric: the inverse
    of the d×d block of the remaining inverse Hessian), so each vector takes the centroid nearest in the basis U_bb⁻¹;
-   the error E = (x − q)U_bb⁻¹ is pushed onto the later columns, W[:, later] −= E U[b, later] (lazy blocks of 128).
+   the error E = (x − q)U_bb⁻¹ is pushed onto the later columns, W[:, later] −= E U[b, later]
+   (llmq.methods.feedback.error_feedback with d-column steps).
 3. Codebook update: with the indices fixed, Q is linear in the centroids, and the centroids minimising the layer's
    output error tr((W − Q) H (W − Q)ᵀ) (W the original weights) solve the normal equations
        Σ_r S_rᵀ H S_r θ = Σ_r S_rᵀ H w_r        (S_r: row r's selection of centroid coordinates)
@@ -28,13 +29,16 @@ Three steps per layer, all against the layer's input Hessian H = 2XXᵀ/N (H = I
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import torch
 
 from ..errors import InputError
 from ..formats.vq import (CODEBOOK_DTYPES, MAX_INDEX_BITS, VQ_DIMS, VQQuantized, check_shape, codebook_of_rows,
                           n_codebooks, round_codebooks)
-from .feedback import cholesky_factor
-from .gptq import one_thread
+from .feedback import Quantizer, diagonal_block_inverses, error_feedback, hessian_factor, one_thread
+from .base import Calibration, Method, option, register
 from .options import DAMP, FLAG, choice, integer
 
 SCORE_ELEMENTS = 1 << 24  # distance matrices are computed in chunks of about this many entries
@@ -150,41 +154,37 @@ def nearest_codes(x: torch.Tensor, C: torch.Tensor, cb_rows: torch.Tensor, rows_
     return scores.argmin(-1).reshape(-1)[:n]
 
 
+class NearestCentroid(Quantizer):
+    """The plug-in for `error_feedback`: each row's d-vector takes the centroid nearest in the basis U_bb⁻¹."""
+
+    def __init__(self, U: torch.Tensor, C: torch.Tensor, rows: int, rows_per_codebook: int):
+        self.C, self.rpc = C, rows_per_codebook
+        self.width = C.shape[2]
+        self.A = diagonal_block_inverses(U, self.width)  # U_bb⁻¹ of each d-column step
+        self.cb_rows = codebook_of_rows(rows, rows_per_codebook)
+        self.codes = torch.empty(rows, U.shape[0] // self.width, dtype=torch.int64)
+
+    def residual(self, j: int, x: torch.Tensor, out: torch.Tensor) -> None:
+        nb, nc, d = self.C.shape
+        v = j // d
+        xr = x.T  # [rows, d], as updated by the earlier columns
+        code = nearest_codes(xr @ self.A[v], self.C @ self.A[v], self.cb_rows, self.rpc)
+        self.codes[:, v] = code
+        torch.sub(x, self.C.reshape(-1, d)[self.cb_rows * nc + code].T, out=out)
+
+
 def assign_feedback(W: torch.Tensor, U: torch.Tensor | None, C: torch.Tensor, rows_per_codebook: int,
                     block_size: int = 128) -> torch.Tensor:
     """Indices [N, K/d] chosen d columns at a time with GPTQ error feedback (module docstring, step 2).
     U = None (no Hessian): plain nearest-centroid assignment. W is not modified."""
     rows, cols = W.shape
-    nb, nc, d = C.shape
-    cb_rows = codebook_of_rows(rows, rows_per_codebook)
-    flatC = C.reshape(-1, d)
+    d = C.shape[2]
     if U is None:
         x = W.reshape(rows, cols // d, d).transpose(0, 1)  # [K/d, N, d]
-        return torch.stack([nearest_codes(x[v], C, cb_rows, rows_per_codebook) for v in range(cols // d)], 1)
-    block_size = max(d, block_size - block_size % d)
-    Ubb = torch.stack([U[j:j + d, j:j + d] for j in range(0, cols, d)])  # [K/d, d, d] upper triangular
-    A = torch.linalg.solve_triangular(Ubb, torch.eye(d).expand_as(Ubb), upper=True)  # U_bb⁻¹
-    codes = torch.empty(rows, cols // d, dtype=torch.int64)
-    with one_thread():
-        Wt = W.T.contiguous()  # [cols, rows]: every step reads and updates contiguous rows
-        for b0 in range(0, cols, block_size):
-            b1 = min(b0 + block_size, cols)
-            W1 = Wt[b0:b1].clone()
-            Err1 = torch.empty_like(W1)
-            U1 = U[b0:b1, b0:b1]
-            for i in range(0, b1 - b0, d):
-                v = (b0 + i) // d
-                x = W1[i:i + d].T  # [rows, d], as updated by the earlier columns
-                code = nearest_codes(x @ A[v], C @ A[v], cb_rows, rows_per_codebook)
-                codes[:, v] = code
-                q = flatC[cb_rows * nc + code]
-                e = (x - q) @ A[v]
-                Err1[i:i + d] = e.T
-                if i + d < b1 - b0:
-                    W1[i + d:].addmm_(U1[i:i + d, i + d:].T, Err1[i:i + d], alpha=-1)
-            if b1 < cols:
-                Wt[b1:].addmm_(U[b0:b1, b1:].T, Err1, alpha=-1)
-    return codes
+        return torch.stack([nearest_codes(x[v], C, codebook_of_rows(rows, rows_per_codebook), rows_per_codebook) for v in range(cols // d)], 1)
+    nearest = NearestCentroid(U, C, rows, rows_per_codebook)
+    error_feedback(W.T.contiguous(), U, nearest, block_size)
+    return nearest.codes
 
 
 # ---- 3. codebook update ------------------------------------------------------------------------------------------
@@ -264,7 +264,7 @@ def _vq_quantize(w, H, dim, index_bits, rows_per_codebook, codebook_dtype, kmean
     if H is None:
         U, h, Hl = None, torch.ones(cols), torch.eye(cols)
     else:
-        dead, U = cholesky_factor(H, cols, damp)
+        dead, _, U, _ = hessian_factor(H, cols, damp)
         W[:, dead] = 0  # GPTQ's convention: inputs that never fire carry no information
         Hl = H.to(torch.float32)
         h = torch.diagonal(Hl).clamp_min(0).clone()
@@ -288,42 +288,48 @@ def _vq_quantize(w, H, dim, index_bits, rows_per_codebook, codebook_dtype, kmean
 
 
 def layer_options(bits: int, options: dict) -> dict:
-    """The vq_quantize keyword arguments of a recipe spec: k = bits · d unless `index_bits` is given."""
-    o = dict(options)
+    """The vq_quantize keyword arguments of a recipe spec's options: d from the bits unless given, k = bits · d
+    unless `index_bits` is given (None: not given)."""
+    o = {k: v for k, v in options.items() if v is not None}
     dim = int(o.pop("dim", default_dim(bits)))
     kw = {"dim": dim, "index_bits": int(o.pop("index_bits", bits * dim))}
     if kw["index_bits"] > MAX_INDEX_BITS:
         raise InputError(f"vq: {bits} bits with d = {dim} needs {bits * dim}-bit indices (at most {MAX_INDEX_BITS}); "
                          f"use a smaller dim or set index_bits")
-    kw.update({k: v for k, v in o.items() if v is not None})
+    kw.update(o)
     return kw
 
 
-class VQ:
+@register
+class VQ(Method):
     name = "vq"
-    needs_hessian = False  # H = I without calibration data
+    format = "vq"
+    bit_widths = "2-8 (index bits / dim)"
+    calibration = Calibration.USES  # H = I without calibration data
     uses_fields = frozenset({"bits"})  # bits per weight = index bits / dim; codebooks, not groups
-    options_schema = {
-        "dim": choice(*VQ_DIMS),
-        "index_bits": integer(1, MAX_INDEX_BITS),
-        "rows_per_codebook": integer(0, 1 << 30),
-        "codebook_dtype": choice(*CODEBOOK_DTYPES),
-        "kmeans_iters": integer(0, 1000),
-        "kmeans_sample": integer(0, 1 << 40),
-        "update_iters": integer(0, 1000),
-        "seed": integer(0, 2**31 - 1),
-        "feedback": FLAG, "update": FLAG, "damp": DAMP, "block_size": integer(8, 4096),
-    }
 
-    @staticmethod
-    def check_spec(spec, where: str) -> None:
+    @dataclass(frozen=True)
+    class Options:  # the defaults are vq_quantize's
+        dim: int | None = option(None, choice(*VQ_DIMS), "vector length d (default 4 at 2 bits, else 2)")
+        index_bits: int | None = option(None, integer(1, MAX_INDEX_BITS), "bits per index (default bits · dim)")
+        rows_per_codebook: int = option(0, integer(0, 1 << 30), "rows sharing one codebook (0: one per layer)")
+        codebook_dtype: str = option("fp16", choice(*CODEBOOK_DTYPES), "codebook storage: fp16, or int8 with one fp16 scale")
+        kmeans_iters: int = option(10, integer(0, 1000), "weighted Lloyd iterations")
+        kmeans_sample: int = option(65536, integer(0, 1 << 40), "vectors per codebook for k-means (0: all)")
+        update_iters: int = option(25, integer(0, 1000), "conjugate-gradient steps of the codebook update")
+        seed: int = option(0, integer(0, 2**31 - 1), "k-means seed")
+        feedback: bool = option(True, FLAG, "GPTQ error feedback in the assignment")
+        update: bool = option(True, FLAG, "least-squares codebook update after the assignment")
+        damp: float = option(0.01, DAMP, "Hessian damping, fraction of mean diag H")
+        block_size: int = option(128, integer(8, 4096), "columns per lazy batch update")
+
+    def check_spec(self, spec, where: str) -> None:
         try:  # bits x dim must fit the index bits: refused before any work
             layer_options(spec.bits, spec.options)
         except InputError as e:
             raise InputError(f"{where}: {e}") from None
 
-    @staticmethod
-    def check_layer(spec, out_features: int, in_features: int, where: str) -> None:
+    def check_layer(self, spec, out_features: int, in_features: int, where: str) -> None:
         """From the layer's shape, before any work: k-means with more centroids than vectors to fit is
         meaningless and slow (8-bit indices, d = 2, on a small layer ran for minutes)."""
         kw = layer_options(spec.bits, spec.options)
@@ -334,7 +340,8 @@ class VQ:
                              "vectors per codebook; use fewer bits or more rows_per_codebook")
 
     def quantize(self, weight: torch.Tensor, spec, hessian=None) -> VQQuantized:
-        return vq_quantize(weight, hessian, **layer_options(spec.bits, spec.options))
+        o = self.options(spec)
+        return vq_quantize(weight, hessian, **layer_options(spec.bits, dataclasses.asdict(o)))
 
 
 __all__ = ["VQ", "vq_quantize", "n_codebooks"]

@@ -48,6 +48,15 @@ def tensors_of(folder: Path) -> dict:
     return out
 
 
+def spy_kernel(monkeypatch, fmt: str) -> list:
+    """Count the calls of the Triton kernel registered for `fmt` (llmq.kernels.registry)."""
+    from llmq.kernels.registry import KERNELS, kernel_for
+
+    orig, calls = kernel_for(fmt), []
+    monkeypatch.setitem(KERNELS, (fmt, "triton"), lambda *a, **k: calls.append(1) or orig(*a, **k))
+    return calls
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "model")

@@ -148,7 +148,7 @@ def test_rotated_layer_folds_its_transforms_into_the_cache(monkeypatch):
     # with the cache off: the fused int4 kernel between the online transforms
     monkeypatch.setenv("LLMQ_CPU_WEIGHT_CACHE", "0")
     y = mod(x)
-    assert isinstance(mod._cpu_state(torch.float32), cpu.Rotated)
+    assert isinstance(mod._cpu_state(torch.float32), cpu.Transformed)
     assert (y - ref).abs().max().item() <= TOL * ref.abs().max().item()
     assert (y - ref).abs().max().item() > 1e-5 * ref.abs().max().item()  # bf16 inside: not the cache's fp32 result
 

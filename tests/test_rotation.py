@@ -163,8 +163,10 @@ def test_rotated_checkpoint_reloads_identical_to_in_memory(tiny_model, tmp_path,
     assert qc["recipe"]["rotate"] == rotate
     q = "model.layers.1.self_attn.q_proj"
     if rotate in ("hadamard", "both"):
-        assert qc["layers"][q]["rotate"] == "hadamard" and qc["layers"][q]["had_in"] == [12, 8]
-        assert qc["layers"]["model.layers.1.mlp.down_proj"]["had_in"] == [20, 8]
+        assert qc["layers"][q]["rotate"] == "hadamard"
+        assert qc["layers"][q]["input_transforms"] == [{"kind": "hadamard", "size": [12, 8], "signs": "had_in_signs"}]
+        assert qc["layers"][q]["output_transforms"] == [{"kind": "hadamard", "size": [12, 8], "signs": "had_out_signs", "inverse": True}]
+        assert qc["layers"]["model.layers.1.mlp.down_proj"]["input_transforms"][0]["size"] == [20, 8]
         assert t[q + ".had_in_signs"].shape == (3,) and t[q + ".had_out_signs"].shape == (3,)
         assert torch.equal(t[q + ".had_in_signs"], t["model.layers.1.self_attn.v_proj.had_in_signs"])  # shared input
         assert not torch.equal(t[q + ".had_out_signs"], t["model.layers.1.self_attn.k_proj.had_out_signs"][:3])

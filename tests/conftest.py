@@ -62,6 +62,16 @@ def tiny_model(tmp_path_factory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "model")
 
 
+@pytest.fixture(scope="session")
+def ids():
+    """Calibration token ids (4 × 64 from the shared c4 sample): calibration for tiny_model, and inputs for logits."""
+    from transformers import AutoTokenizer
+
+    from llmq.calib import CalibConfig, calibration_ids
+
+    return calibration_ids(CalibConfig("c4", nsamples=4, seqlen=64, seed=0, data_dir=str(DATA)), AutoTokenizer.from_pretrained(SMOLLM))
+
+
 @pytest.fixture(autouse=True)
 def _data_dir(monkeypatch):
     monkeypatch.setenv("LLMQ_DATA_DIR", str(DATA))

@@ -2,7 +2,6 @@
 Gaussian grids' optimality conditions, exact pack/unpack round trips, any4's activation weighting, the Triton
 decode-matmul under the interpreter, and checkpoints that reload in transformers with identical logits."""
 
-import json
 import math
 import os
 
@@ -11,16 +10,12 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
-from conftest import DATA, SMOLLM, tensors_of  # noqa: E402
-from llmq.api import quantize_  # noqa: E402
 from llmq.cli import app  # noqa: E402
 from llmq.formats import get_format  # noqa: E402
 from llmq.formats.lut import LutFormat  # noqa: E402
 from llmq.formats.packing import unpack_bits  # noqa: E402
-from llmq.inspect_ckpt import inspect_checkpoint  # noqa: E402
 from llmq.methods.any4 import any4_quantize, weighted_error  # noqa: E402
 from llmq.methods.grids import gaussian_grid, gaussian_mse_1d, lloyd_max_1d, nearest_2d, nf4_table  # noqa: E402
 from llmq.methods.higgs import higgs_quantize  # noqa: E402
@@ -28,7 +23,6 @@ from llmq.methods.nf4 import nf4_quantize  # noqa: E402
 from llmq.methods.rtn import rtn_quantize  # noqa: E402
 from llmq.modules import layer_tensor_specs  # noqa: E402
 from llmq.quantize_block import packed_bits_per_weight  # noqa: E402
-from llmq.recipe import Recipe  # noqa: E402
 
 # bitsandbytes' NF4 table (QLoRA appendix E), float32 values as published
 NF4_PUBLISHED = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -278,54 +272,6 @@ def test_lut_kernel_through_llmq_linear_with_leading_dims(monkeypatch):
 
 
 # ---- checkpoints -------------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def ids():
-    from transformers import AutoTokenizer
-
-    from llmq.calib import CalibConfig, calibration_ids
-
-    return calibration_ids(CalibConfig("c4", nsamples=4, seqlen=64, seed=0, data_dir=str(DATA)), AutoTokenizer.from_pretrained(SMOLLM))
-
-
-@pytest.mark.parametrize("method,args,recipe,calib", [
-    ("nf4", [], {"group_size": 64}, False),  # the CLI's default group size for nf4 is 64
-    ("any4", ["--group-size", "64"], {"group_size": 64}, True),
-    ("higgs", ["--bits", "4", "--group-size", "64"], {"bits": 4, "group_size": 64}, False),
-    ("higgs", ["--bits", "3"], {"bits": 3, "options": {"dim": 2}}, False),
-    ("higgs", [], {"bits": 4, "group_size": 32, "options": {"dim": 2, "hadamard_size": 32}}, False),
-    ("higgs", [], {"bits": 4, "group_size": 64, "options": {"dim": 2, "column_scale": True}}, False),
-])
-def test_checkpoint_reloads_with_identical_logits(tiny_model, tmp_path, ids, method, args, recipe, calib):
-    out = tmp_path / "q"
-    extra = ["--nsamples", "4", "--seqlen", "64"] if calib else ["--calib", "none"]
-    if "options" in recipe:
-        rec = tmp_path / "r.yaml"
-        rec.write_text(json.dumps({"method": method, **recipe}))  # JSON is YAML
-        extra += ["--recipe", str(rec)]
-    r = CliRunner().invoke(app, ["quantize", str(tiny_model), "-o", str(out), "--method", method, *args, *extra])
-    assert r.exit_code == 0, r.output
-    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    ref = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    quantize_(ref, Recipe.from_dict({"method": method, **recipe}), calib_ids=ids if calib else None)
-    fp = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    with torch.no_grad():
-        got = loaded(ids[:2]).logits
-        assert torch.equal(got, ref(ids[:2]).logits)
-        assert not torch.allclose(got, fp(ids[:2]).logits, atol=1e-3)  # really quantized
-    qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    name = "model.layers.1.mlp.down_proj"
-    lc = qc["layers"][name]
-    assert lc["method"] == method and lc["format"] == "lut" and lc["group_size"] == recipe.get("group_size", 128)
-    assert any(e["kind"] == "hadamard" for e in lc.get("input_transforms", [])) == (method == "higgs")
-    info = inspect_checkpoint(str(out))
-    t = tensors_of(out)
-    row = next(x for x in info["layers"] if x["layer"] == name)
-    stored = sum(v.numel() * v.element_size() for k, v in t.items() if k.startswith(name + ".") and not k.endswith(".bias"))
-    assert row["bytes"] == stored and row["bpw"] == 8 * stored / (160 * 96)
-    assert f"{name}.table" in t and (f"{name}.lut_signs" in t) == (method == "higgs")
-    assert (f"{name}.lut_input_scale" in t) == bool(recipe.get("options", {}).get("column_scale"))
-
 
 def test_bad_input_is_a_one_line_error(tiny_model, tmp_path):
     run = lambda *a: CliRunner().invoke(app, ["quantize", str(tiny_model), "-o", str(tmp_path / "q"), "--calib", "none", *a])  # noqa: E731

@@ -4,7 +4,6 @@ rotation lowers quantization error on the real model's layers."""
 
 import copy
 import json
-import math
 
 import pytest
 import torch
@@ -12,12 +11,11 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 import llmq  # noqa: F401
-from conftest import DATA, SMOLLM, make_tiny_llama, tensors_of
+from conftest import SMOLLM, tensors_of
 from llmq.api import quantize_
 from llmq.cli import app
 from llmq.errors import InputError
 from llmq.inspect_ckpt import inspect_checkpoint
-from llmq.modules import LlmqLinear
 from llmq.recipe import Recipe
 from llmq.rotation import LayerIncoherence, RandomizedHadamard, check_sizes, factor, fwht, hadamard_transform, rotate_
 from llmq.rotation.hadamard import construction, dense_hadamard, paley1, paley2, random_signs, small_hadamard, sylvester
@@ -136,15 +134,6 @@ def test_rotated_models_with_biases_compute_the_same_function():
             for mode in ("hadamard", "residual", "both"):
                 out = rotate_(copy.deepcopy(m), mode)(ids).logits
                 assert float((out - ref).norm() / ref.norm()) < 1e-5, (type(m).__name__, mode)
-
-
-@pytest.fixture(scope="module")
-def ids():
-    from transformers import AutoTokenizer
-
-    from llmq.calib import CalibConfig, calibration_ids
-
-    return calibration_ids(CalibConfig("c4", nsamples=4, seqlen=64, seed=0, data_dir=str(DATA)), AutoTokenizer.from_pretrained(SMOLLM))
 
 
 @pytest.mark.parametrize("rotate,method", [("hadamard", "gptq"), ("residual", "rtn"), ("both", "gptq")])

@@ -140,6 +140,13 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
     stages -= base.bit_length() - 1
     if stages == 0:
         return y.reshape(x.shape)
+    if y.requires_grad and torch.is_grad_enabled():  # the same butterflies out of place: out= buffers stop autograd
+        h = base
+        for _ in range(stages):
+            c = y.view(-1, n // (2 * h), 2, h)
+            y = torch.stack((c[:, :, 0] + c[:, :, 1], c[:, :, 0] - c[:, :, 1]), 2).reshape(-1, n)
+            h *= 2
+        return y.reshape(x.shape)
     out = torch.empty_like(y)
     step = max(1, FWHT_CHUNK // n)
     scratch = torch.empty(min(step, y.shape[0]), n, dtype=y.dtype, device=y.device)

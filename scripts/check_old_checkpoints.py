@@ -156,7 +156,7 @@ def run_new(work: Path, report: Path) -> None:
         print(json.dumps(row), flush=True)
     report.parent.mkdir(parents=True, exist_ok=True)
     report.with_suffix(".json").write_text(json.dumps({"format_version": FORMAT_VERSION, "cases": rows}, indent=1) + "\n")
-    lines = ["# Old checkpoints load with identical logits; new checkpoints are the same size",
+    lines = ["# Old checkpoints load with identical logits; new checkpoints store the same tensor bytes",
              "",
              f"Tiny random Llama (tests/conftest.py `make_tiny_llama`: 3 layers, hidden 96, MLP 160), logits on 2×48 fixed "
              f"random tokens, fp32 on CPU. *old* = written and evaluated by main 54de65d (format_version 1); *new code* = this "

@@ -21,7 +21,15 @@ import triton
 import triton.language as tl
 
 from .registry import register
-from .triton_common import interpreting, mac, read_code, run_matmul
+from .triton_common import (
+    interpreting,
+    load_x,
+    mac,
+    read_code,
+    run_matmul,
+    store_tile,
+    tile,
+)
 
 
 @triton.jit
@@ -35,19 +43,14 @@ def _billm_kernel(x_ptr, sg_ptr, sal_ptr, s2_ptr, sp_ptr, sc_ptr, out_ptr,
                   M, N, K, S, NB, stride_xm, stride_sg, stride_s2, stride_om,
                   R: tl.constexpr, BLK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, DOT_FP32: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
+    offs_m, offs_n, m_mask, n_mask = tile(M, N, BLOCK_M, BLOCK_N)
     GEMV: tl.constexpr = BLOCK_M == 1
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         km = kk < K
         s = _sign_bits(sg_ptr, offs_n[:, None], stride_sg, kk[None, :], n_mask[:, None] & km[None, :])
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=m_mask[:, None] & km[None, :], other=0.0)
+        x = load_x(x_ptr, offs_m, m_mask, kk, km, stride_xm)
         acc = mac(acc, x, s, GEMV, DOT_FP32)
     a_c = tl.load(sc_ptr + offs_n * 4 + 0, mask=n_mask, other=0.0).to(tl.float32)
     a_s = tl.load(sc_ptr + offs_n * 4 + 1, mask=n_mask, other=0.0).to(tl.float32)
@@ -73,7 +76,7 @@ def _billm_kernel(x_ptr, sg_ptr, sal_ptr, s2_ptr, sp_ptr, sc_ptr, out_ptr,
             coef = tl.where(valid, (a_s - a_c) * s1, 0.0)
             xg = tl.load(x_ptr + offs_m[:, None] * stride_xm + col[None, :], mask=m_mask[:, None] & valid[None, :], other=0.0)
             acc += xg.to(tl.float32) * coef[None, :]
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc, mask=m_mask[:, None] & n_mask[None, :])
+    store_tile(out_ptr, acc, offs_m, offs_n, m_mask, n_mask, stride_om)
 
 
 @triton.jit
@@ -81,12 +84,7 @@ def _pbllm_kernel(x_ptr, sg_ptr, sc_ptr, sp_ptr, q_ptr, s8_ptr, out_ptr,
                   M, N, K, NB, stride_xm, stride_sg, stride_sc, stride_om,
                   GS: tl.constexpr, R: tl.constexpr, BLK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
+    offs_m, offs_n, m_mask, n_mask = tile(M, N, BLOCK_M, BLOCK_N)
     GEMV: tl.constexpr = BLOCK_M == 1
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -96,7 +94,7 @@ def _pbllm_kernel(x_ptr, sg_ptr, sc_ptr, sp_ptr, q_ptr, s8_ptr, out_ptr,
         s = _sign_bits(sg_ptr, offs_n[:, None], stride_sg, kk[None, :], m2)
         g = kk // GS if GS > 0 else kk * 0
         a = tl.load(sc_ptr + offs_n[:, None] * stride_sc + g[None, :], mask=m2, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=m_mask[:, None] & km[None, :], other=0.0)
+        x = load_x(x_ptr, offs_m, m_mask, kk, km, stride_xm)
         acc = mac(acc, x, s * a, GEMV, DOT_FP32)
     s8 = tl.load(s8_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     for b in range(0, NB):  # 8-bit salient weights replace the binarized value at their positions
@@ -112,19 +110,14 @@ def _pbllm_kernel(x_ptr, sg_ptr, sc_ptr, sp_ptr, q_ptr, s8_ptr, out_ptr,
             coef = tl.where(valid, s8 * q - a * s1, 0.0)
             xg = tl.load(x_ptr + offs_m[:, None] * stride_xm + col[None, :], mask=m_mask[:, None] & valid[None, :], other=0.0)
             acc += xg.to(tl.float32) * coef[None, :]
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc, mask=m_mask[:, None] & n_mask[None, :])
+    store_tile(out_ptr, acc, offs_m, offs_n, m_mask, n_mask, stride_om)
 
 
 @triton.jit
 def _ternary_kernel(x_ptr, qw_ptr, sc_ptr, out_ptr, M, N, K, stride_xm, stride_qw, stride_sc, stride_om,
                     GS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     DOT_FP32: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
+    offs_m, offs_n, m_mask, n_mask = tile(M, N, BLOCK_M, BLOCK_N)
     GEMV: tl.constexpr = BLOCK_M == 1
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -137,9 +130,9 @@ def _ternary_kernel(x_ptr, qw_ptr, sc_ptr, out_ptr, M, N, K, stride_xm, stride_q
         t = ((byte // pow3[None, :]) % 3 - 1).to(tl.float32)
         g = kk // GS if GS > 0 else kk * 0
         a = tl.load(sc_ptr + offs_n[:, None] * stride_sc + g[None, :], mask=m2, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=m_mask[:, None] & km[None, :], other=0.0)
+        x = load_x(x_ptr, offs_m, m_mask, kk, km, stride_xm)
         acc = mac(acc, x, t * a, GEMV, DOT_FP32)
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc, mask=m_mask[:, None] & n_mask[None, :])
+    store_tile(out_ptr, acc, offs_m, offs_n, m_mask, n_mask, stride_om)
 
 
 @register("billm", "pbllm", "ternary")

@@ -8,9 +8,9 @@ Built once per layer at its first CPU forward (`prepare`), kept on the module, n
   with q = code, z = s·(8 − zero), exact but for s and z rounded to bf16. Repacked codes: K/2 bytes per row.
 - **int, 5–8 bits, one group per row** (8 bits symmetric only, so code − zero fits an int8), K a multiple of 16:
   `_weight_int8pack_mm`, w = s·q with q = code − zero, exact but for s rounded to bf16. K bytes per row.
-- **everything else** (lut, e8p, vq, billm, pbllm, ternary, other int layouts) and **every rotated layer**: the
-  weight decoded once to the activations' dtype, a rotated layer's online transforms folded in (W = Uᵀ W̃ V,
-  b = Uᵀ b̃), so a forward is one F.linear, like the fp model, at the fp model's memory for that layer.
+- **everything else** (lut, e8p, vq, billm, pbllm, ternary, other int layouts) and **every layer with transforms**
+  (llmq.transforms: rotated layers, HIGGS): the weight decoded once to the activations' dtype, the layer's
+  transforms folded in (W = Uᵀ W̃ V, b = Uᵀ b̃), so a forward is one F.linear, like the fp model, at the fp model's memory for that layer.
   `LLMQ_CPU_WEIGHT_CACHE=0` turns this cache off: those layers then decode on every forward (the reference).
 
 Both fused kernels are only vectorised for bf16 activations (fp32/fp16 inputs run 20–40× slower there), so x is

@@ -26,7 +26,7 @@ import triton.language as tl
 from llmq.codebooks.e8p import BASE_PACKED, E8_1BIT_PACKED
 
 from .registry import register
-from .triton_common import interpreting, mac, run_matmul
+from .triton_common import interpreting, load_x, mac, run_matmul, store_tile, tile
 
 STAGE2 = {2: 0, 4: 1, 3: 2}  # bits -> second stage: none, E8P, 1-bit E8
 
@@ -60,12 +60,7 @@ def _e8_coord(codes_ptr, tab_ptr, rows, stride, cols, mask):
 def _e8p_kernel(x_ptr, c1_ptr, c2_ptr, t1_ptr, t2_ptr, sc_ptr, out_ptr, M, N, K, stride_xm, stride_c1, stride_c2,
                 stride_om, STAGE2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 DOT_FP32: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
+    offs_m, offs_n, m_mask, n_mask = tile(M, N, BLOCK_M, BLOCK_N)
     s1 = tl.load(sc_ptr)
     s2 = tl.load(sc_ptr + 1) if STAGE2 > 0 else 0.0
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -79,9 +74,9 @@ def _e8p_kernel(x_ptr, c1_ptr, c2_ptr, t1_ptr, t2_ptr, sc_ptr, out_ptr, M, N, K,
         elif STAGE2 == 2:
             w += _e8_coord(c2_ptr, t2_ptr, offs_n[:, None], stride_c2, kk[None, :], m2) * s2
         w = tl.where(m2, w, 0.0)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=m_mask[:, None] & km[None, :], other=0.0)
+        x = load_x(x_ptr, offs_m, m_mask, kk, km, stride_xm)
         acc = mac(acc, x, w, BLOCK_M == 1, DOT_FP32)
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc, mask=m_mask[:, None] & n_mask[None, :])
+    store_tile(out_ptr, acc, offs_m, offs_n, m_mask, n_mask, stride_om)
 
 
 _TABLES: dict = {}

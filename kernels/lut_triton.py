@@ -22,19 +22,22 @@ import triton
 import triton.language as tl
 
 from .registry import register
-from .triton_common import mac, read_code, run_matmul
+from .triton_common import (
+    interpreting,
+    load_x,
+    mac,
+    read_code,
+    run_matmul,
+    store_tile,
+    tile,
+)
 
 
 @triton.jit
 def _lut_kernel(x_ptr, qw_ptr, sc_ptr, tb_ptr, out_ptr, M, N, K, stride_xm, stride_qw, stride_sc, stride_tb, stride_om,
                 CB: tl.constexpr, D: tl.constexpr, GS: tl.constexpr, ROW_TABLE: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
+    offs_m, offs_n, m_mask, n_mask = tile(M, N, BLOCK_M, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
@@ -48,17 +51,15 @@ def _lut_kernel(x_ptr, qw_ptr, sc_ptr, tb_ptr, out_ptr, M, N, K, stride_xm, stri
         g = kk // GS if GS > 0 else kk * 0
         s = tl.load(sc_ptr + offs_n[:, None] * stride_sc + g[None, :], mask=m2, other=0.0)
         w = v.to(tl.float32) * s.to(tl.float32)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=m_mask[:, None] & km[None, :], other=0.0)
+        x = load_x(x_ptr, offs_m, m_mask, kk, km, stride_xm)
         acc = mac(acc, x, w, BLOCK_M == 1, DOT_FP32)
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc, mask=m_mask[:, None] & n_mask[None, :])
+    store_tile(out_ptr, acc, offs_m, offs_n, m_mask, n_mask, stride_om)
 
 
 @register("lut")
 def lut_matmul_triton(x: torch.Tensor, t: dict[str, torch.Tensor], cfg: dict, bias: torch.Tensor | None = None,
                       transforms=None, block_n: int = 64, block_k: int = 64) -> torch.Tensor:
     """x [..., K] (fp16/bf16/fp32) @ Wᵀ -> [..., N] in x.dtype for a "lut" layer, after its fused input `transforms`."""
-    from .triton_common import interpreting
-
     if interpreting():
         block_n, block_k = 32, 32
     k, d, gs = cfg["in_features"], cfg["dim"], cfg["group_size"] or 0

@@ -38,6 +38,25 @@ def read_code(row_ptrs, idx, mask, BITS: tl.constexpr):
 
 
 @triton.jit
+def tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's [BLOCK_M, BLOCK_N] output tile (grid: M tiles, N tiles): row and column offsets, their masks."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_m, offs_n, offs_m < M, offs_n < N
+
+
+@triton.jit
+def load_x(x_ptr, offs_m, m_mask, kk, k_mask, stride_xm):
+    """The activations x[offs_m, kk] (zeros outside)."""
+    return tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+
+
+@triton.jit
+def store_tile(out_ptr, acc, offs_m, offs_n, m_mask, n_mask, stride_om):
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc, mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
 def mac(acc, x, w, GEMV: tl.constexpr, DOT_FP32: tl.constexpr):
     """acc [BM, BN] += x [BM, BK] @ w [BN, BK]ᵀ, w in fp32: CUDA cores for one row, tensor cores otherwise."""
     if GEMV:

@@ -19,19 +19,22 @@ import triton
 import triton.language as tl
 
 from .registry import register
-from .triton_common import interpreting, mac, read_code, run_matmul
+from .triton_common import (
+    interpreting,
+    load_x,
+    mac,
+    read_code,
+    run_matmul,
+    store_tile,
+    tile,
+)
 
 
 @triton.jit
 def _vq_kernel(x_ptr, qw_ptr, cb_ptr, sc_ptr, out_ptr, M, N, K, R, stride_xm, stride_qw, stride_om,
                D: tl.constexpr, KB: tl.constexpr, NC: tl.constexpr, HAS_SCALE: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
+    offs_m, offs_n, m_mask, n_mask = tile(M, N, BLOCK_M, BLOCK_N)
     cbi = offs_n // R  # the codebook of each output row
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -40,12 +43,12 @@ def _vq_kernel(x_ptr, qw_ptr, cb_ptr, sc_ptr, out_ptr, M, N, K, R, stride_xm, st
         m2 = n_mask[:, None] & km[None, :]
         code = read_code(qw_ptr + offs_n[:, None] * stride_qw, (kk // D)[None, :], m2, KB)  # the column's vector index
         w = tl.load(cb_ptr + (cbi[:, None] * NC + code) * D + (kk % D)[None, :], mask=m2, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=m_mask[:, None] & km[None, :], other=0.0)
+        x = load_x(x_ptr, offs_m, m_mask, kk, km, stride_xm)
         acc = mac(acc, x, w, BLOCK_M == 1, DOT_FP32)
     if HAS_SCALE:
         s = tl.load(sc_ptr + cbi, mask=n_mask, other=0.0).to(tl.float32)
         acc = acc * s[None, :]
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc, mask=m_mask[:, None] & n_mask[None, :])
+    store_tile(out_ptr, acc, offs_m, offs_n, m_mask, n_mask, stride_om)
 
 
 @register("vq")

@@ -37,6 +37,14 @@ def make_tiny_llama(folder: Path, layers: int = 3, hidden: int = 96, inter: int 
     return folder
 
 
+def toy(n: int = 32, k: int = 256, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A small random weight [n, k] and a calibration Hessian for it."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    x = torch.randn(128, k, generator=g)
+    return w, x.T @ x / 128
+
+
 def tensors_of(folder: Path) -> dict:
     """Every tensor of a checkpoint folder, by name."""
     from safetensors import safe_open

@@ -21,7 +21,7 @@ from llmq.modules import LlmqLinear
 from llmq.recipe import Recipe
 from llmq.rotation.incoherence import LayerIncoherence
 
-from conftest import tensors_of
+from conftest import tensors_of, toy
 
 TOL = 1.6e-2  # fused kernels: bf16 activations and scales; relative to max |y|, about one bf16 ulp of the output
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -96,13 +96,6 @@ def test_int_layouts_without_a_kernel_use_the_cache_exactly(monkeypatch, n, k, b
     x = x_for(k, torch.float32)
     assert torch.equal(mod(x), reference(mod, x, monkeypatch))
     assert isinstance(mod._cpu_state(torch.float32), cpu.DenseLinear)
-
-
-def toy(n=32, k=256, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, k, generator=g) * 0.05
-    x = torch.randn(128, k, generator=g)
-    return w, x.T @ x / 128
 
 
 CACHED = {

@@ -5,6 +5,7 @@ gradients reach them; every Triton kernel is registered for its format."""
 import pytest
 import torch
 
+from conftest import toy
 from llmq.formats import FORMATS, Format, get_format, register_format
 from llmq.methods.billm import billm_quantize
 from llmq.methods.e8p import e8p_quantize
@@ -14,13 +15,6 @@ from llmq.methods.pbllm import pbllm_quantize
 from llmq.methods.rtn import rtn_quantize
 from llmq.methods.ternary import ternary_quantize
 from llmq.methods.vq import vq_quantize
-
-
-def toy(n=32, k=256, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, k, generator=g) * 0.05
-    x = torch.randn(128, k, generator=g)
-    return w, x.T @ x / 128
 
 
 # name -> (quantizer, the float tensors gradients must reach)

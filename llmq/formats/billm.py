@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import torch
 
 from .base import Format, register_format
-
 from .bitplanes import pack_signs, sign_words, sparse_mask, unpack_signs
 
 BLOCK = 128

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import torch
 
 from .base import Format, register_format
-
 from .bitplanes import pack_signs, sign_words, sparse_columns, unpack_signs
 from .intq import default_group_index, n_groups
 

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 
 from .base import Format, register_format
-
 from .bitplanes import pack_trits, trit_bytes, unpack_trits
 from .intq import default_group_index, n_groups
 

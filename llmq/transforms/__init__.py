@@ -102,7 +102,7 @@ class Hadamard:
     def __init__(self, e: dict, words: torch.Tensor, features: int):
         from ..formats.bitplanes import unpack_signs
 
-        signs = unpack_signs(words.detach().cpu(), features)
+        signs = unpack_signs(words.detach().cpu(), features).to(words.device)  # once, kept where the layer lives
         block = e.get("block")
         self.rh = BlockHadamard(signs, block) if block else RandomizedHadamard(signs)
         if [self.rh.m, self.rh.p] != list(e["size"]):  # a checkpoint from a build that factors sizes differently

@@ -61,7 +61,7 @@ def test_bits_per_weight_on_disk(tiny_model, tmp_path):
     assert t["model.layers.0.self_attn.q_proj.scales"].shape == (96, 2)
     assert t["model.layers.0.self_attn.q_proj.weight"].numel() == 0
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert cfg["quant_method"] == "llmq" and cfg["format_version"] == 1
+    assert cfg["quant_method"] == "llmq" and cfg["format_version"] == 2
     assert cfg["layers"]["model.layers.0.mlp.down_proj"]["group_size"] == 64
 
 

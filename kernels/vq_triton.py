@@ -19,15 +19,7 @@ import triton
 import triton.language as tl
 
 from .registry import register
-from .triton_common import (
-    interpreting,
-    load_x,
-    mac,
-    read_code,
-    run_matmul,
-    store_tile,
-    tile,
-)
+from .triton_common import interpreting, load_x, mac, read_code, run_matmul, store_tile, tile
 
 
 @triton.jit

@@ -8,9 +8,9 @@ Built once per layer at its first CPU forward (`prepare`), kept on the module, n
   with q = code, z = s·(8 − zero), exact but for s and z rounded to bf16. Repacked codes: K/2 bytes per row.
 - **int, 5–8 bits, one group per row** (8 bits symmetric only, so code − zero fits an int8), K a multiple of 16:
   `_weight_int8pack_mm`, w = s·q with q = code − zero, exact but for s rounded to bf16. K bytes per row.
-- **everything else** (lut, e8p, vq, billm, pbllm, ternary, other int layouts) and **every rotated layer**: the
-  weight decoded once to the activations' dtype, a rotated layer's online transforms folded in (W = Uᵀ W̃ V,
-  b = Uᵀ b̃), so a forward is one F.linear, like the fp model, at the fp model's memory for that layer.
+- **everything else** (lut, e8p, vq, billm, pbllm, ternary, other int layouts) and **every layer with transforms**
+  (llmq.transforms: rotated layers, HIGGS): the weight decoded once to the activations' dtype, the layer's
+  transforms folded in (W = Uᵀ W̃ V, b = Uᵀ b̃), so a forward is one F.linear, like the fp model, at the fp model's memory for that layer.
   `LLMQ_CPU_WEIGHT_CACHE=0` turns this cache off: those layers then decode on every forward (the reference).
 
 Both fused kernels are only vectorised for bf16 activations (fp32/fp16 inputs run 20–40× slower there), so x is
@@ -107,32 +107,34 @@ class DenseLinear:
         return F.linear(x, self.weight, self.bias)
 
 
-class Rotated:
-    """A fused int kernel inside a rotated layer's online transforms (cache off): y = Uᵀ(Q̃ (V x) + b̃)."""
+class Transformed:
+    """A fused int kernel between a layer's online transforms (cache off): y = O(Q̃ (T x) + b̃)."""
 
-    def __init__(self, inner: FusedInt, rot):
-        self.inner, self.rot = inner, rot
+    def __init__(self, inner: FusedInt, transforms):
+        self.inner, self.t = inner, transforms
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.rot.output(self.inner(self.rot.input(x)))
+        from llmq.transforms import apply
+
+        return apply(self.t.outputs, self.inner(apply(self.t.online, x)))
 
 
 def prepare(module, dtype: torch.dtype):
     """What `module` (an LlmqLinear) runs for CPU activations of `dtype`: a callable x -> y, or None (reference)."""
-    from llmq.rotation.incoherence import online_rotation
+    from llmq.transforms import apply, fold_inputs
 
-    cfg, rot = module.layer_config, online_rotation(module)
+    cfg, t = module.layer_config, module.layer_transforms()
     bias = None if module.bias is None else module.bias.detach().to(dtype)
     # a rotated layer with the cache on: folded dense beats Hadamard transforms around a fused kernel
-    if cfg["format"] == "int" and (rot is None or not cache_enabled()):
+    if cfg["format"] == "int" and not t.fused and (not (t.online or t.outputs) or not cache_enabled()):
         fused = fused_int(module.packed_tensors(), cfg)
         if fused is not None:
             fused.bias = bias
-            return fused if rot is None else Rotated(fused, rot)
+            return Transformed(fused, t) if t.online or t.outputs else fused
     if not cache_enabled():
         return None
     w = module.dequantize()
-    if rot is not None:  # W = Uᵀ W̃ V: V undone on the rows, then U on the columns; b = Uᵀ b̃
-        w = rot.output(rot.V.inverse(w).T).T
-        bias = None if bias is None else rot.output(module.bias.detach().float()).to(dtype)
+    if t.online or t.outputs:  # W = O W̃ T: the online input transforms folded into the rows, the outputs into the columns
+        w = apply(t.outputs, fold_inputs(w, t.online).T).T
+        bias = None if bias is None else apply(t.outputs, module.bias.detach().float()).to(dtype)
     return DenseLinear(w.to(dtype).contiguous(), bias)

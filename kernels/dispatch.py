@@ -1,8 +1,9 @@
 """One entry point per operation; picks the implementation from the tensors' device.
 
-    quant_linear(x, tensors, cfg, bias)   any llmq format: int -> int_matmul; billm/pbllm/ternary -> binary_triton.py,
-                                          lut (nf4/any4/higgs) -> lut_triton.py on CUDA; otherwise the format's torch
-                                          decode + F.linear
+    quant_linear(x, tensors, cfg, bias, transforms)   any llmq format: the Triton kernel registered for the format
+                                          (registry.py) on CUDA; elsewhere the format's torch reference (int:
+                                          reference.int_matmul_ref; others: the format's decode + F.linear), with the
+                                          layer's fused input transforms folded into the decoded weight
     int_matmul(x, tensors, cfg, bias)     Triton on CUDA, the torch reference elsewhere
     hadamard_transform(x, hm, signs, inverse)   the fused online Hadamard transform of rotated layers (hadamard.py)
 
@@ -21,10 +22,10 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .reference import int_matmul_ref
+from . import reference  # noqa: F401  (registers the torch reference of the int format)
+from .registry import kernel_for
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-BINARY_FORMATS = ("billm", "pbllm", "ternary")  # binary_triton.py on CUDA; the torch decode + F.linear elsewhere
 
 
 @functools.lru_cache(maxsize=None)
@@ -47,37 +48,24 @@ def use_triton(x: torch.Tensor) -> bool:
 
 def int_matmul(x: torch.Tensor, packed: dict[str, torch.Tensor], cfg: dict, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ Wᵀ (+ bias) for an int-format layer, without materialising W on the Triton path."""
-    if use_triton(x):
-        from .intq_triton import int_matmul_triton
-
-        return int_matmul_triton(x, packed, cfg, bias)
-    return int_matmul_ref(x, packed, cfg, bias)
+    return quant_linear(x, packed, cfg, bias)
 
 
-def quant_linear(x: torch.Tensor, packed: dict[str, torch.Tensor], cfg: dict, bias: torch.Tensor | None = None) -> torch.Tensor:
-    if cfg["format"] == "int":
-        return int_matmul(x, packed, cfg, bias)
-    if cfg["format"] in BINARY_FORMATS and use_triton(x):
-        from .binary_triton import binary_matmul_triton
+def quant_linear(x: torch.Tensor, packed: dict[str, torch.Tensor], cfg: dict, bias: torch.Tensor | None = None,
+                 transforms=None) -> torch.Tensor:
+    """y = W (T x) (+ bias) for a packed layer, T the layer's fused input transforms (`transforms`: built objects,
+    llmq.transforms, as LlmqLinear caches them; None: built from `packed` and `cfg`)."""
+    from llmq.transforms import build, fold_inputs
 
-        return binary_matmul_triton(x, packed, cfg, bias)
-    if cfg["format"] == "vq" and use_triton(x):
-        from .vq_triton import vq_matmul_triton
-
-        return vq_matmul_triton(x, packed, cfg, bias)
-    if cfg["format"] == "lut" and use_triton(x):  # nf4 / any4 / higgs: table lookup fused into the matmul
-        from .lut_triton import lut_matmul_triton
-
-        return lut_matmul_triton(x, packed, cfg, bias)
-    if cfg["format"] == "e8p" and use_triton(x):
-        from .e8p_triton import e8p_matmul_triton
-
-        return e8p_matmul_triton(x, packed, cfg, bias)
+    if transforms is None:
+        transforms = build(cfg, packed, fused=True)
+    kernel = (kernel_for(cfg["format"], "triton") if use_triton(x) else None) or kernel_for(cfg["format"], "torch")
+    if kernel is not None:
+        return kernel(x, packed, cfg, bias, transforms)
     from llmq.formats import get_format
 
-    w = get_format(cfg["format"]).dequantize(packed, cfg).to(x.dtype)
+    w = fold_inputs(get_format(cfg["format"]).decode(packed, cfg), transforms).to(x.dtype)
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
-
 
 
 def hadamard_transform(x: torch.Tensor, hm: torch.Tensor | None = None, signs: torch.Tensor | None = None,

@@ -15,13 +15,9 @@ A residual stage adds s₂ times a second E8P code decoded the same way (4 bits)
 point (3 bits: 8-bit code into a 256-entry table of packed nibbles 2xᵢ + 4). Accumulation is fp32. Batch 1
 (BLOCK_M = 1) multiplies and reduces on CUDA cores; more rows use `tl.dot` (fp32 operands for fp32 inputs and under the
 interpreter, where bf16 dots are wrong, triton#11584).
-
-    python -m llmq.kernels.e8p_triton --compile-check [--arch 90]   compiles a few variants to cubin without a GPU
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
@@ -29,11 +25,10 @@ import triton.language as tl
 
 from llmq.codebooks.e8p import BASE_PACKED, E8_1BIT_PACKED
 
+from .registry import register
+from .triton_common import interpreting, load_x, mac, run_matmul, store_tile, tile
+
 STAGE2 = {2: 0, 4: 1, 3: 2}  # bits -> second stage: none, E8P, 1-bit E8
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -65,12 +60,7 @@ def _e8_coord(codes_ptr, tab_ptr, rows, stride, cols, mask):
 def _e8p_kernel(x_ptr, c1_ptr, c2_ptr, t1_ptr, t2_ptr, sc_ptr, out_ptr, M, N, K, stride_xm, stride_c1, stride_c2,
                 stride_om, STAGE2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 DOT_FP32: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
+    offs_m, offs_n, m_mask, n_mask = tile(M, N, BLOCK_M, BLOCK_N)
     s1 = tl.load(sc_ptr)
     s2 = tl.load(sc_ptr + 1) if STAGE2 > 0 else 0.0
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -84,14 +74,9 @@ def _e8p_kernel(x_ptr, c1_ptr, c2_ptr, t1_ptr, t2_ptr, sc_ptr, out_ptr, M, N, K,
         elif STAGE2 == 2:
             w += _e8_coord(c2_ptr, t2_ptr, offs_n[:, None], stride_c2, kk[None, :], m2) * s2
         w = tl.where(m2, w, 0.0)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=m_mask[:, None] & km[None, :], other=0.0)
-        if BLOCK_M == 1:
-            acc += tl.sum(w * x.to(tl.float32), axis=1)[None, :]
-        elif DOT_FP32:
-            acc += tl.dot(x.to(tl.float32), tl.trans(w), input_precision="ieee")
-        else:
-            acc += tl.dot(x, tl.trans(w.to(x.dtype)))
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc, mask=m_mask[:, None] & n_mask[None, :])
+        x = load_x(x_ptr, offs_m, m_mask, kk, km, stride_xm)
+        acc = mac(acc, x, w, BLOCK_M == 1, DOT_FP32)
+    store_tile(out_ptr, acc, offs_m, offs_n, m_mask, n_mask, stride_om)
 
 
 _TABLES: dict = {}
@@ -105,69 +90,32 @@ def tables(device) -> tuple[torch.Tensor, torch.Tensor]:
     return _TABLES[key]
 
 
+@register("e8p")
 def e8p_matmul_triton(x: torch.Tensor, t: dict[str, torch.Tensor], cfg: dict, bias: torch.Tensor | None = None,
-                      block_n: int = 64, block_k: int = 128) -> torch.Tensor:
+                      transforms=None, block_n: int = 64, block_k: int = 128) -> torch.Tensor:
     """x [..., K] (fp16/bf16/fp32) @ decode(t)ᵀ -> [..., N] in x.dtype, for the e8p format."""
-    k, n, bits = cfg["in_features"], cfg["out_features"], cfg["bits"]
-    if x.shape[-1] != k:
-        raise ValueError(f"input has {x.shape[-1]} features, layer expects {k}")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    m = x2.shape[0]
-    out = torch.empty(m, n, dtype=torch.float32, device=x.device)
-    if m:
-        bm = 1 if m == 1 else 16
-        if interpreting():
-            block_n, block_k = 32, 64
-        c1 = t["codes"]
-        c2 = t.get("codes2", c1)  # placeholder pointer for 2 bits (never read)
-        t1, t2 = tables(x.device)
-        grid = (triton.cdiv(m, bm), triton.cdiv(n, block_n))
-        _e8p_kernel[grid](x2, c1, c2, t1, t2, t["scales"].to(torch.float32), out, m, n, k, x2.stride(0), c1.stride(0),
-                          c2.stride(0), out.stride(0), STAGE2=STAGE2[bits], BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=block_k,
-                          DOT_FP32=x.dtype == torch.float32 or (interpreting() and x.dtype == torch.bfloat16))
-    y = out.to(x.dtype)
-    if bias is not None:
-        y = y + bias.to(x.dtype)
-    return y.reshape(*lead, n)
+    if interpreting():
+        block_n, block_k = 32, 64
+    c1 = t["codes"]
+    c2 = t.get("codes2", c1)  # placeholder pointer for 2 bits (never read)
+
+    def launch(a):
+        t1, t2 = tables(a.x.device)
+        _e8p_kernel[a.grid(block_n)](a.x, c1, c2, t1, t2, t["scales"].to(torch.float32), a.out, a.m, a.n, a.k,
+                                     a.x.stride(0), c1.stride(0), c2.stride(0), a.out.stride(0), STAGE2=STAGE2[cfg["bits"]],
+                                     **a.consts(block_n, block_k))
+
+    return run_matmul(x, t, cfg, bias, transforms, launch)
 
 
-# (bits, BLOCK_M, BLOCK_N, BLOCK_K, activation dtype, warps)
-COMPILE_VARIANTS = [(2, 1, 64, 128, "fp16", 4), (3, 16, 64, 128, "bf16", 4), (4, 64, 64, 64, "fp16", 4), (2, 64, 128, 64, "bf16", 8)]
-
-
-def compile_variant(bits, bm, bn, bk, dt, warps, arch: int = 90):
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
+def _variant(bits, bm, bn, bk, dt, warps):
     sig = {"x_ptr": f"*{dt}", "c1_ptr": "*i16", "c2_ptr": "*u8" if bits == 3 else "*i16", "t1_ptr": "*i32", "t2_ptr": "*i32",
            "sc_ptr": "*fp32", "out_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
            "stride_c1": "i32", "stride_c2": "i32", "stride_om": "i32"}
     consts = dict(STAGE2=STAGE2[bits], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, DOT_FP32=False)
-    sig.update({k: "constexpr" for k in consts})
-    names = list(sig)
-    src = ASTSource(_e8p_kernel, sig, constexprs={(names.index(k),): v for k, v in consts.items()})
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": 2})
+    return ("e8p", (bits, bm, bn, bk, dt, warps), _e8p_kernel, sig, consts, {"num_warps": warps, "num_stages": 2})
 
 
-def main() -> None:
-    import argparse
-    import sys
-
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--compile-check", action="store_true")
-    ap.add_argument("--arch", type=int, default=90)
-    a = ap.parse_args()
-    if not a.compile_check:
-        ap.error("nothing to do (pass --compile-check)")
-    if interpreting():
-        sys.exit("unset TRITON_INTERPRET to compile")
-    for v in COMPILE_VARIANTS:
-        kern = compile_variant(*v, arch=a.arch)
-        print(f"ok sm_{a.arch} e8p {v}: {kern.metadata.shared} B shared memory", flush=True)
-
-
-if __name__ == "__main__":
-    main()
+# (bits, BLOCK_M, BLOCK_N, BLOCK_K, activation dtype, warps)
+COMPILE_VARIANTS = [_variant(*v) for v in [(2, 1, 64, 128, "fp16", 4), (3, 16, 64, 128, "bf16", 4), (4, 64, 64, 64, "fp16", 4),
+                                           (2, 64, 128, 64, "bf16", 8)]]

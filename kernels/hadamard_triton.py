@@ -36,3 +36,16 @@ def hadamard_kernel(x_ptr, y_ptr, s_ptr, h_ptr, m, stride_x, stride_y, scale,
         if INVERSE:
             v = v * s
     tl.store(y_ptr + row * stride_y + idx, v.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _variant(mp, p, has_h, has_s, inverse, dt):
+    sig = {"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "s_ptr": "*fp32", "h_ptr": "*fp32", "m": "i32", "stride_x": "i32",
+           "stride_y": "i32", "scale": "fp32"}
+    consts = dict(MP=mp, P=p, LOG_P=p.bit_length() - 1, HAS_H=has_h, HAS_S=has_s, INVERSE=inverse)
+    return ("hadamard", (mp, p, has_h, has_s, inverse, dt), hadamard_kernel, sig, consts,
+            {"num_warps": 4 if mp * p <= 4096 else 8})
+
+
+# (MP, P, has H_m, signs, inverse, dtype): 576 = 36·16, 1536 = 12·128, 4096, 14336 = 28·512
+COMPILE_VARIANTS = [_variant(*v) for v in [(64, 16, True, True, False, "fp16"), (16, 128, True, True, True, "bf16"),
+                                           (1, 4096, False, True, False, "fp16"), (32, 512, True, False, False, "bf16")]]

@@ -25,24 +25,20 @@ size, or per-channel), they are loaded once per tile as a [BLOCK_N] vector; othe
 smaller than the tile) gathered per code from the small, cache-resident [N, n_groups] tables. A shorter last
 group needs nothing special: g(k) = k // group_size and masks stop at K.
 
-Interpreter (TRITON_INTERPRET=1, CPU tensors): `tl.dot` on bf16 operands is wrong there (triton#11584), so
-under the interpreter bf16 dots are done on fp32 operands (DOT_FP32). The weight is always rounded to the
+Interpreter: bf16 dots run on fp32 operands (DOT_FP32, triton_common.py). The weight is always rounded to the
 activation dtype first, exactly as the torch reference does, so both see the same weights.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
+from .registry import register
+from .triton_common import interpreting, read_code, run_matmul
 
 MAGIC = tl.constexpr(0x4B000000)  # the fp32 bit pattern of 2^23: (MAGIC | c) reinterpreted is exactly 2^23 + c for 0 <= c < 2^23
 MAGIC_F = tl.constexpr(8388608.0)
@@ -139,17 +135,8 @@ def _int_matmul_kernel(
                 kk = k0 + tl.arange(0, KX) * P + i  # the codes at sub-position i of each word
                 c = (words >> (i * BITS)) & MASK  # arithmetic shift is harmless: i*BITS + BITS <= 32, then masked
             else:
-                # Codes straddle words: per code, its word and the next, funnelled together.
-                kk = k0 + tl.arange(0, KX)
-                bitpos = kk * BITS
-                shift = (bitpos % 32).to(tl.uint32)
-                m2 = n_mask[:, None] & (kk < K)[None, :]
-                ptrs = qw_ptr + offs_n[:, None] * stride_qn + (bitpos // 32)[None, :]
-                w0 = tl.load(ptrs, mask=m2, other=0).to(tl.uint32, bitcast=True)
-                spill = (shift + BITS) > 32
-                w1 = tl.load(ptrs + 1, mask=m2 & spill[None, :], other=0).to(tl.uint32, bitcast=True)
-                # w1 is 0 unless the code spills, so the (undefined for shift 0) left shift by 32 never matters.
-                c = (((w0 >> shift[None, :]) | (w1 << (32 - shift)[None, :])) & MASK).to(tl.int32)
+                kk = k0 + tl.arange(0, KX)  # codes straddle words: read one by one
+                c = read_code(qw_ptr + offs_n[:, None] * stride_qn, kk[None, :], n_mask[:, None] & (kk < K)[None, :], BITS)
             kmask = kk < K
             xk = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=m_mask[:, None] & kmask[None, :], other=0.0)
             if GEMV and GROUP_CONST:
@@ -232,52 +219,69 @@ def _mode(m: int) -> str:
     return "gemv" if m == 1 else ("decode" if m <= DECODE_MAX_M else "prefill")
 
 
+@register("int")
 def int_matmul_triton(x: torch.Tensor, t: dict[str, torch.Tensor], cfg: dict, bias: torch.Tensor | None = None,
-                      config: dict | None = None) -> torch.Tensor:
+                      transforms=None, config: dict | None = None) -> torch.Tensor:
     """x [..., K] (fp16/bf16/fp32) @ dequant(t)ᵀ -> [..., N] in x.dtype.
 
     `config` fixes the launch parameters (BLOCK_N, BLOCK_K, SPLIT_K, optional BLOCK_M/GROUP_M) instead of
     autotuning; the interpreter always uses a fixed small configuration."""
-    bits, gs, k, n = cfg["bits"], cfg["group_size"] or 0, cfg["in_features"], cfg["out_features"]
-    if x.shape[-1] != k:
-        raise ValueError(f"input has {x.shape[-1]} features, layer expects {k}")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    m = x2.shape[0]
+    bits, gs, k = cfg["bits"], cfg["group_size"] or 0, cfg["in_features"]
     qw, sc = t["qweight"], t["scales"]
     zp = t.get("qzeros")
     gi = t.get("g_idx")
     has_zero, act_order = zp is not None, gi is not None
     if gs and gs >= k:
         gs = 0  # one group per row
-    mode = _mode(m)
-    block_m = 1 if mode == "gemv" else 16
-    if config is None and interpreting():
-        config = {"BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 2 if mode != "prefill" else 1}
-    split_k = (config or {}).get("SPLIT_K", 1)
-    atomic = mode != "prefill" or split_k > 1
-    out = torch.zeros(m, n, dtype=torch.float32, device=x.device) if atomic else torch.empty(m, n, dtype=x.dtype, device=x.device)
-    if m == 0:
-        return out.to(x.dtype).reshape(*lead, n)
-    dummy = qw  # placeholder pointer for absent zero points / g_idx (never read)
-    args = (x2, qw, sc, zp if has_zero else dummy, gi if act_order else dummy, out,
-            m, n, k, qw.shape[1], x2.stride(0), qw.stride(0), sc.stride(0), zp.stride(0) if has_zero else 0, out.stride(0),
-            min(triton.next_power_of_2(m), 4096))
-    consts = dict(BITS=bits, GS=gs, ACT_ORDER=act_order, HAS_ZERO=has_zero,
-                  DOT_FP32=x.dtype == torch.float32 or (interpreting() and x.dtype == torch.bfloat16))
-    if config is not None:
-        c = {"BLOCK_M": block_m, "GROUP_M": 1 if mode != "prefill" else 8, **config}
-        grid = (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]), c["SPLIT_K"])
-        _kernel[grid](*args, **consts, **c)
-    else:
-        kernel = _tuned(mode, bits)
-        if mode != "prefill":
-            consts["BLOCK_M"] = block_m
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
-        kernel[grid](*args, **consts)
-    y = out.to(x.dtype) if out.dtype != x.dtype else out
-    if bias is not None:
-        y = y + bias.to(x.dtype)
-    return y.reshape(*lead, n)
+    state = {}
+
+    def out(m, n, x):
+        mode = state["mode"] = _mode(m)
+        cfg_ = config
+        if cfg_ is None and interpreting():
+            cfg_ = {"BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 2 if mode != "prefill" else 1}
+        state["config"] = cfg_
+        atomic = mode != "prefill" or (cfg_ or {}).get("SPLIT_K", 1) > 1  # partial sums are added into an fp32 buffer
+        if atomic:
+            return torch.zeros(m, n, dtype=torch.float32, device=x.device)
+        return torch.empty(m, n, dtype=x.dtype, device=x.device)
+
+    def launch(a):
+        mode, c = state["mode"], state["config"]
+        dummy = qw  # placeholder pointer for absent zero points / g_idx (never read)
+        args = (a.x, qw, sc, zp if has_zero else dummy, gi if act_order else dummy, a.out,
+                a.m, a.n, a.k, qw.shape[1], a.x.stride(0), qw.stride(0), sc.stride(0), zp.stride(0) if has_zero else 0,
+                a.out.stride(0), min(triton.next_power_of_2(a.m), 4096))
+        consts = dict(BITS=bits, GS=gs, ACT_ORDER=act_order, HAS_ZERO=has_zero, DOT_FP32=a.dot_fp32)
+        if c is not None:
+            c = {"BLOCK_M": a.block_m, "GROUP_M": 1 if mode != "prefill" else 8, **c}
+            grid = (triton.cdiv(a.m, c["BLOCK_M"]) * triton.cdiv(a.n, c["BLOCK_N"]), c["SPLIT_K"])
+            _kernel[grid](*args, **consts, **c)
+        else:
+            kernel = _tuned(mode, bits)
+            if mode != "prefill":
+                consts["BLOCK_M"] = a.block_m
+            grid = lambda meta: (triton.cdiv(a.m, meta["BLOCK_M"]) * triton.cdiv(a.n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
+            kernel[grid](*args, **consts)
+
+    return run_matmul(x, t, cfg, bias, transforms, launch, out=out)
+
+
+def _variant(bits, gs, act, zero, bm, bn, bk, sk, dt, warps, stages):
+    atomic = sk > 1 or bm <= 16
+    sig = {"x_ptr": f"*{dt}", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8" if zero else "*i32", "g_ptr": "*i32",
+           "out_ptr": "*fp32" if atomic else f"*{dt}", "M": "i32", "N": "i32", "K": "i32", "W": "i32", "stride_xm": "i32",
+           "stride_qn": "i32", "stride_s": "i32", "stride_z": "i32", "stride_om": "i32", "M_BUCKET": "i32"}
+    consts = dict(BITS=bits, GS=gs, ACT_ORDER=act, HAS_ZERO=zero, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk,
+                  GROUP_M=1 if bm <= 16 else 8, DOT_FP32=False, GROUP_CONST=(not act) and (gs == 0 or gs % bk == 0))
+    return ("int", (bits, gs, act, zero, bm, bn, bk, sk, dt), _int_matmul_kernel, sig, consts,
+            {"num_warps": warps, "num_stages": stages})
+
+
+# (bits, group size, act-order, zero points, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, activation dtype, warps, stages)
+COMPILE_VARIANTS = [_variant(*v) for v in [
+    (4, 128, False, False, 1, 64, 256, 8, "fp16", 4, 2),  # GEMV, one group per tile
+    (4, 64, False, True, 16, 64, 128, 4, "bf16", 4, 3),  # decode dot, asym, groups smaller than the tile
+    (3, 64, True, True, 64, 64, 64, 1, "fp16", 4, 3),  # prefill, straddling codes, act-order
+    (8, 128, False, False, 128, 128, 128, 1, "bf16", 8, 3),  # prefill, bf16
+]]

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from llmq.formats.intq import default_group_index
 from llmq.formats.packing import unpack_bits
 
+from .registry import register
+
 
 def unpack_codes(qweight: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
     """int32 [N, ceil(K·b/32)] -> int32 codes [N, K]."""
@@ -49,6 +51,11 @@ def dequantize_int(t: dict[str, torch.Tensor], cfg: dict, dtype: torch.dtype = t
     return (codes * scales[:, gi]).to(dtype)
 
 
-def int_matmul_ref(x: torch.Tensor, t: dict[str, torch.Tensor], cfg: dict, bias: torch.Tensor | None = None) -> torch.Tensor:
+@register("int", backend="torch")
+def int_matmul_ref(x: torch.Tensor, t: dict[str, torch.Tensor], cfg: dict, bias: torch.Tensor | None = None,
+                   transforms=None) -> torch.Tensor:
+    """W rebuilt in x's dtype, as the Triton kernel rounds it; input transforms applied to x, as the kernel does."""
+    for tr in transforms or ():
+        x = tr.forward(x)
     w = dequantize_int(t, cfg, x.dtype)
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))

@@ -4,54 +4,67 @@ torch reference)."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from . import transforms
 from .formats import get_format
 from .kernels import cpu
 from .kernels.dispatch import quant_linear
-from .rotation.incoherence import online_rotation, rotation_tensor_specs
 
 
 def layer_tensor_specs(cfg: dict) -> dict:
-    """Every tensor a packed layer stores (besides weight/bias): its format's, plus a rotation's signs."""
-    return {**get_format(cfg["format"]).tensor_specs(cfg), **rotation_tensor_specs(cfg)}
+    """Every tensor a packed layer stores (besides weight/bias): its format's, plus its transforms' (llmq.transforms)."""
+    return {**get_format(cfg["format"]).tensor_specs(cfg), **transforms.tensor_specs(cfg)}
 
 
 class LlmqLinear(nn.Module):
+    """y = O(W̃ (T x) + b̃): the packed weight W̃ between the layer's transforms (llmq.transforms): online input
+    transforms applied here, fused ones by the kernel, output transforms after the bias."""
+
     def __init__(self, layer_config: dict, bias: bool = False, device=None):
         super().__init__()
-        self.layer_config = dict(layer_config)
+        self.layer_config = transforms.normalize(dict(layer_config))  # version-1 checkpoints: the old keys, read once
         self.format = get_format(layer_config["format"])
         self.in_features = layer_config["in_features"]
         self.out_features = layer_config["out_features"]
         # Zero-length `weight`: a checkpoint saved from this module makes a plain (non-llmq) transformers
         # load fail with a size mismatch instead of silently initialising random weights.
         self.register_buffer("weight", torch.zeros(0, dtype=torch.float16, device=device))
-        for name, (shape, dtype) in layer_tensor_specs(layer_config).items():
+        for name, (shape, dtype) in layer_tensor_specs(self.layer_config).items():
             self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.zeros(self.out_features, device=device), requires_grad=False) if bias else None
 
     def packed_tensors(self) -> dict[str, torch.Tensor]:
-        """The format's tensors (a rotation's sign vectors are not part of the packed weight)."""
-        return {k: v for k, v in self.named_buffers(recurse=False) if k != "weight" and k not in rotation_tensor_specs(self.layer_config)}
+        """The format's tensors and its fused transforms' (the online transforms' signs are not part of the packed weight)."""
+        online = {e.get("signs") or e.get("tensor") for side in (transforms.INPUT, transforms.OUTPUT)
+                  for e in transforms.entries(self.layer_config, side) if not e.get("fused")}
+        return {k: v for k, v in self.named_buffers(recurse=False) if k != "weight" and k not in online}
+
+    def layer_transforms(self) -> transforms.LayerTransforms:
+        """The layer's transforms, built once from its buffers (signs unpacked once, not per forward); rebuilt when a
+        buffer is replaced or written in place, kept outside the buffers so it is never saved."""
+        key = tuple((b.data_ptr(), b.device, b._version) for b in self._buffers.values())
+        state = self.__dict__.get("_llmq_transforms")
+        if state is None or state[0] != key:
+            state = self.__dict__["_llmq_transforms"] = (key, transforms.LayerTransforms(self.layer_config, dict(self.named_buffers(recurse=False))))
+        return state[1]
 
     def dequantize(self) -> torch.Tensor:
-        """The packed weight as fp32 [out, in]; for a rotated layer, in its rotated basis (U W Vᵀ, llmq.rotation.incoherence)."""
-        return self.format.dequantize(self.packed_tensors(), self.layer_config)
+        """The weight of the packed matmul as fp32 [out, in] (fused input transforms folded in); for a rotated layer, in
+        its rotated basis (U W Vᵀ, llmq.rotation.incoherence)."""
+        return transforms.fold_inputs(self.format.decode(self.packed_tensors(), self.layer_config), self.layer_transforms().fused)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if cpu.use_cpu_path(x):
             fast = self._cpu_state(x.dtype)
             if fast is not None:
                 return fast(x)
-        rot = online_rotation(self)  # a layer quantized in a Hadamard-rotated basis (llmq.rotation.incoherence)
-        if rot is not None:
-            return rot.output(self._forward_packed(rot.input(x)))
-        return self._forward_packed(x)
+        t = self.layer_transforms()
+        return transforms.apply(t.outputs, self._forward_packed(transforms.apply(t.online, x)))
 
     def _forward_packed(self, x: torch.Tensor) -> torch.Tensor:
-        return quant_linear(x, self.packed_tensors(), self.layer_config, self.bias)  # Triton on CUDA, torch on CPU
+        # Triton on CUDA, torch on CPU
+        return quant_linear(x, self.packed_tensors(), self.layer_config, self.bias, self.layer_transforms().fused)
 
     def _cpu_state(self, dtype: torch.dtype):
         """The CPU forward (llmq.kernels.cpu.prepare), kept outside the buffers so it is never saved; rebuilt when a
@@ -66,6 +79,7 @@ class LlmqLinear(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         self.__dict__.pop("_llmq_cpu", None)  # .to() / .cuda() / .half(): the CPU copy is stale
+        self.__dict__.pop("_llmq_transforms", None)
         return super()._apply(fn, *args, **kwargs)
 
     @classmethod

@@ -209,7 +209,7 @@ def quantize_block(block: nn.Module, prefix: str, adapter: DecoderAdapter, recip
         deq = get_format(cfg["format"]).dequantize(packed, cfg)
         if inc is not None:
             packed.update(inc.tensors())
-            cfg.update(inc.layer_config())
+            cfg = inc.layer_config(cfg)
         for k, v in packed.items():
             tensors[f"{full}.{k}"] = v
         tensors[f"{full}.weight"] = torch.zeros(0, dtype=torch.float16)  # placeholder, see llmq.hf
@@ -310,7 +310,7 @@ def quantize_head(w: torch.Tensor, spec, recipe: Recipe | None = None, name: str
     cfg = {"method": spec.method, **q.layer_config()}
     if inc is not None:
         packed.update(inc.tensors())
-        cfg.update(inc.layer_config())
+        cfg = inc.layer_config(cfg)
     packed["weight"] = torch.zeros(0, dtype=torch.float16)  # placeholder, see llmq.hf
     return packed, cfg
 

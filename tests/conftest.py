@@ -37,6 +37,14 @@ def make_tiny_llama(folder: Path, layers: int = 3, hidden: int = 96, inter: int 
     return folder
 
 
+def toy(n: int = 32, k: int = 256, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A small random weight [n, k] and a calibration Hessian for it."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    x = torch.randn(128, k, generator=g)
+    return w, x.T @ x / 128
+
+
 def tensors_of(folder: Path) -> dict:
     """Every tensor of a checkpoint folder, by name."""
     from safetensors import safe_open
@@ -48,9 +56,28 @@ def tensors_of(folder: Path) -> dict:
     return out
 
 
+def spy_kernel(monkeypatch, fmt: str) -> list:
+    """Count the calls of the Triton kernel registered for `fmt` (llmq.kernels.registry)."""
+    from llmq.kernels.registry import KERNELS, kernel_for
+
+    orig, calls = kernel_for(fmt), []
+    monkeypatch.setitem(KERNELS, (fmt, "triton"), lambda *a, **k: calls.append(1) or orig(*a, **k))
+    return calls
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def ids():
+    """Calibration token ids (4 × 64 from the shared c4 sample): calibration for tiny_model, and inputs for logits."""
+    from transformers import AutoTokenizer
+
+    from llmq.calib import CalibConfig, calibration_ids
+
+    return calibration_ids(CalibConfig("c4", nsamples=4, seqlen=64, seed=0, data_dir=str(DATA)), AutoTokenizer.from_pretrained(SMOLLM))
 
 
 @pytest.fixture(autouse=True)

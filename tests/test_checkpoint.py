@@ -10,9 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-import llmq
 from llmq.api import quantize_
-from llmq.calib import CalibConfig, calibration_ids
 from llmq.cli import app
 from llmq.inspect_ckpt import inspect_checkpoint
 from llmq.modules import LlmqLinear
@@ -26,18 +24,6 @@ runner = CliRunner()
 def cli(*args):
     r = runner.invoke(app, [str(a) for a in args])
     return r
-
-
-
-
-@pytest.fixture(scope="module")
-def ids():
-    from transformers import AutoTokenizer
-
-    from conftest import DATA, SMOLLM
-
-    tok = AutoTokenizer.from_pretrained(SMOLLM)
-    return calibration_ids(CalibConfig("c4", nsamples=4, seqlen=64, seed=0, data_dir=str(DATA)), tok)
 
 
 @pytest.mark.parametrize("bits,group,sym", [(4, 64, True), (3, 64, False), (2, 0, True), (8, 32, False)])
@@ -75,7 +61,7 @@ def test_bits_per_weight_on_disk(tiny_model, tmp_path):
     assert t["model.layers.0.self_attn.q_proj.scales"].shape == (96, 2)
     assert t["model.layers.0.self_attn.q_proj.weight"].numel() == 0
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert cfg["quant_method"] == "llmq" and cfg["format_version"] == 1
+    assert cfg["quant_method"] == "llmq" and cfg["format_version"] == 2
     assert cfg["layers"]["model.layers.0.mlp.down_proj"]["group_size"] == 64
 
 

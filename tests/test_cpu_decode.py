@@ -21,7 +21,7 @@ from llmq.modules import LlmqLinear
 from llmq.recipe import Recipe
 from llmq.rotation.incoherence import LayerIncoherence
 
-from conftest import tensors_of
+from conftest import tensors_of, toy
 
 TOL = 1.6e-2  # fused kernels: bf16 activations and scales; relative to max |y|, about one bf16 ulp of the output
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -98,13 +98,6 @@ def test_int_layouts_without_a_kernel_use_the_cache_exactly(monkeypatch, n, k, b
     assert isinstance(mod._cpu_state(torch.float32), cpu.DenseLinear)
 
 
-def toy(n=32, k=256, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, k, generator=g) * 0.05
-    x = torch.randn(128, k, generator=g)
-    return w, x.T @ x / 128
-
-
 CACHED = {
     "nf4": lambda w, H: nf4_quantize(w, 64),
     "higgs-rotated": lambda w, H: higgs_quantize(w, 4, 64, dim=2),
@@ -148,7 +141,7 @@ def test_rotated_layer_folds_its_transforms_into_the_cache(monkeypatch):
     # with the cache off: the fused int4 kernel between the online transforms
     monkeypatch.setenv("LLMQ_CPU_WEIGHT_CACHE", "0")
     y = mod(x)
-    assert isinstance(mod._cpu_state(torch.float32), cpu.Rotated)
+    assert isinstance(mod._cpu_state(torch.float32), cpu.Transformed)
     assert (y - ref).abs().max().item() <= TOL * ref.abs().max().item()
     assert (y - ref).abs().max().item() > 1e-5 * ref.abs().max().item()  # bf16 inside: not the cache's fp32 result
 

@@ -2,7 +2,6 @@
 Gaussian grids' optimality conditions, exact pack/unpack round trips, any4's activation weighting, the Triton
 decode-matmul under the interpreter, and checkpoints that reload in transformers with identical logits."""
 
-import json
 import math
 import os
 
@@ -11,16 +10,12 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
-from conftest import DATA, SMOLLM, tensors_of  # noqa: E402
-from llmq.api import quantize_  # noqa: E402
 from llmq.cli import app  # noqa: E402
 from llmq.formats import get_format  # noqa: E402
-from llmq.formats.lut import decode_rotated  # noqa: E402
+from llmq.formats.lut import LutFormat  # noqa: E402
 from llmq.formats.packing import unpack_bits  # noqa: E402
-from llmq.inspect_ckpt import inspect_checkpoint  # noqa: E402
 from llmq.methods.any4 import any4_quantize, weighted_error  # noqa: E402
 from llmq.methods.grids import gaussian_grid, gaussian_mse_1d, lloyd_max_1d, nearest_2d, nf4_table  # noqa: E402
 from llmq.methods.higgs import higgs_quantize  # noqa: E402
@@ -28,7 +23,6 @@ from llmq.methods.nf4 import nf4_quantize  # noqa: E402
 from llmq.methods.rtn import rtn_quantize  # noqa: E402
 from llmq.modules import layer_tensor_specs  # noqa: E402
 from llmq.quantize_block import packed_bits_per_weight  # noqa: E402
-from llmq.recipe import Recipe  # noqa: E402
 
 # bitsandbytes' NF4 table (QLoRA appendix E), float32 values as published
 NF4_PUBLISHED = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -152,16 +146,18 @@ def test_packed_layer_round_trips_exactly(name, k):
     assert set(specs) == set(t) and all(tuple(t[x].shape) == specs[x][0] and t[x].dtype == specs[x][1] for x in t)
     cb = cfg["bits"] * cfg["dim"]
     assert torch.equal(unpack_bits(t["qweight"], cb, q.codes.shape[1]).long(), q.codes.long())  # codes round trip
+    decode_rotated = LutFormat.decode  # W̃, before the layer's fused input transforms
     assert torch.equal(decode_rotated(t, cfg).double(), hand_decode(q, k))
     W = get_format("lut").dequantize(t, cfg)
-    assert ("lut_input_scale" in cfg) == (q.input_scale is not None)
+    kinds = [(e["kind"], e.get("fused"), e.get("block")) for e in cfg.get("input_transforms", [])]
+    assert (("channel_scale", True, None) in kinds) == (q.input_scale is not None)
     c = q.input_scale.float() if q.input_scale is not None else torch.ones(k)
     if q.signs is not None:  # the decoded weight is in the original basis: rotating it back gives the grid values
         from llmq.rotation.hadamard import input_hadamard
 
         V = input_hadamard(q.signs, q.hadamard_block)
         assert torch.allclose(V.forward(W / c), decode_rotated(t, cfg), atol=1e-6)
-        assert ("lut_had_block" in cfg) == (q.hadamard_block is not None)
+        assert kinds[-1] == ("hadamard", True, q.hadamard_block)
     else:
         assert torch.allclose(W, decode_rotated(t, cfg) * c, atol=0, rtol=1e-6)
     rel = float(((W - w) ** 2).sum() / (w ** 2).sum())
@@ -258,8 +254,9 @@ def test_lut_kernel_through_llmq_linear_with_leading_dims(monkeypatch):
     pytest.importorskip("triton")
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set")
-    import llmq.kernels.lut_triton as lt
     from llmq.modules import LlmqLinear
+
+    from conftest import spy_kernel
 
     w, _ = toy_layer(n=24, k=96)
     q = higgs_quantize(w, 4, 32, dim=2)
@@ -267,9 +264,7 @@ def test_lut_kernel_through_llmq_linear_with_leading_dims(monkeypatch):
     x = torch.randn(2, 3, 96).half()
     monkeypatch.setenv("LLMQ_KERNELS", "torch")
     expect = mod(x)
-    calls = []
-    orig = lt.lut_matmul_triton
-    monkeypatch.setattr(lt, "lut_matmul_triton", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    calls = spy_kernel(monkeypatch, "lut")
     monkeypatch.setenv("LLMQ_KERNELS", "triton")
     y = mod(x)
     assert calls and y.shape == (2, 3, 24)
@@ -277,54 +272,6 @@ def test_lut_kernel_through_llmq_linear_with_leading_dims(monkeypatch):
 
 
 # ---- checkpoints -------------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def ids():
-    from transformers import AutoTokenizer
-
-    from llmq.calib import CalibConfig, calibration_ids
-
-    return calibration_ids(CalibConfig("c4", nsamples=4, seqlen=64, seed=0, data_dir=str(DATA)), AutoTokenizer.from_pretrained(SMOLLM))
-
-
-@pytest.mark.parametrize("method,args,recipe,calib", [
-    ("nf4", [], {"group_size": 64}, False),  # the CLI's default group size for nf4 is 64
-    ("any4", ["--group-size", "64"], {"group_size": 64}, True),
-    ("higgs", ["--bits", "4", "--group-size", "64"], {"bits": 4, "group_size": 64}, False),
-    ("higgs", ["--bits", "3"], {"bits": 3, "options": {"dim": 2}}, False),
-    ("higgs", [], {"bits": 4, "group_size": 32, "options": {"dim": 2, "hadamard_size": 32}}, False),
-    ("higgs", [], {"bits": 4, "group_size": 64, "options": {"dim": 2, "column_scale": True}}, False),
-])
-def test_checkpoint_reloads_with_identical_logits(tiny_model, tmp_path, ids, method, args, recipe, calib):
-    out = tmp_path / "q"
-    extra = ["--nsamples", "4", "--seqlen", "64"] if calib else ["--calib", "none"]
-    if "options" in recipe:
-        rec = tmp_path / "r.yaml"
-        rec.write_text(json.dumps({"method": method, **recipe}))  # JSON is YAML
-        extra += ["--recipe", str(rec)]
-    r = CliRunner().invoke(app, ["quantize", str(tiny_model), "-o", str(out), "--method", method, *args, *extra])
-    assert r.exit_code == 0, r.output
-    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    ref = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    quantize_(ref, Recipe.from_dict({"method": method, **recipe}), calib_ids=ids if calib else None)
-    fp = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    with torch.no_grad():
-        got = loaded(ids[:2]).logits
-        assert torch.equal(got, ref(ids[:2]).logits)
-        assert not torch.allclose(got, fp(ids[:2]).logits, atol=1e-3)  # really quantized
-    qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    name = "model.layers.1.mlp.down_proj"
-    lc = qc["layers"][name]
-    assert lc["method"] == method and lc["format"] == "lut" and lc["group_size"] == recipe.get("group_size", 128)
-    assert ("lut_had" in lc) == (method == "higgs")
-    info = inspect_checkpoint(str(out))
-    t = tensors_of(out)
-    row = next(x for x in info["layers"] if x["layer"] == name)
-    stored = sum(v.numel() * v.element_size() for k, v in t.items() if k.startswith(name + ".") and not k.endswith(".bias"))
-    assert row["bytes"] == stored and row["bpw"] == 8 * stored / (160 * 96)
-    assert f"{name}.table" in t and (f"{name}.lut_signs" in t) == (method == "higgs")
-    assert (f"{name}.lut_input_scale" in t) == bool(recipe.get("options", {}).get("column_scale"))
-
 
 def test_bad_input_is_a_one_line_error(tiny_model, tmp_path):
     run = lambda *a: CliRunner().invoke(app, ["quantize", str(tiny_model), "-o", str(tmp_path / "q"), "--calib", "none", *a])  # noqa: E731
@@ -338,19 +285,6 @@ def test_bad_input_is_a_one_line_error(tiny_model, tmp_path):
     r = run("--recipe", str(rec))
     assert r.exit_code == 2 and "dim" in r.output
     assert not (tmp_path / "q").exists()
-
-
-def test_lut_kernel_compiles_for_sm90_without_a_gpu():
-    """The interpreter accepts things the GPU compiler rejects; compile the variants to sm_90 cubin (ptxas ships with
-    triton) in a process without TRITON_INTERPRET."""
-    pytest.importorskip("triton")
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-m", "llmq.kernels.lut_triton"], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count("ok sm_90 lut") == 5
 
 
 def test_block_hadamard_is_orthogonal_and_block_diagonal():

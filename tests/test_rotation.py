@@ -4,7 +4,6 @@ rotation lowers quantization error on the real model's layers."""
 
 import copy
 import json
-import math
 
 import pytest
 import torch
@@ -12,12 +11,11 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 import llmq  # noqa: F401
-from conftest import DATA, SMOLLM, make_tiny_llama, tensors_of
+from conftest import SMOLLM, tensors_of
 from llmq.api import quantize_
 from llmq.cli import app
 from llmq.errors import InputError
 from llmq.inspect_ckpt import inspect_checkpoint
-from llmq.modules import LlmqLinear
 from llmq.recipe import Recipe
 from llmq.rotation import LayerIncoherence, RandomizedHadamard, check_sizes, factor, fwht, hadamard_transform, rotate_
 from llmq.rotation.hadamard import construction, dense_hadamard, paley1, paley2, random_signs, small_hadamard, sylvester
@@ -138,15 +136,6 @@ def test_rotated_models_with_biases_compute_the_same_function():
                 assert float((out - ref).norm() / ref.norm()) < 1e-5, (type(m).__name__, mode)
 
 
-@pytest.fixture(scope="module")
-def ids():
-    from transformers import AutoTokenizer
-
-    from llmq.calib import CalibConfig, calibration_ids
-
-    return calibration_ids(CalibConfig("c4", nsamples=4, seqlen=64, seed=0, data_dir=str(DATA)), AutoTokenizer.from_pretrained(SMOLLM))
-
-
 @pytest.mark.parametrize("rotate,method", [("hadamard", "gptq"), ("residual", "rtn"), ("both", "gptq")])
 def test_rotated_checkpoint_reloads_identical_to_in_memory(tiny_model, tmp_path, ids, rotate, method):
     out = tmp_path / "q"
@@ -163,8 +152,10 @@ def test_rotated_checkpoint_reloads_identical_to_in_memory(tiny_model, tmp_path,
     assert qc["recipe"]["rotate"] == rotate
     q = "model.layers.1.self_attn.q_proj"
     if rotate in ("hadamard", "both"):
-        assert qc["layers"][q]["rotate"] == "hadamard" and qc["layers"][q]["had_in"] == [12, 8]
-        assert qc["layers"]["model.layers.1.mlp.down_proj"]["had_in"] == [20, 8]
+        assert qc["layers"][q]["rotate"] == "hadamard"
+        assert qc["layers"][q]["input_transforms"] == [{"kind": "hadamard", "size": [12, 8], "signs": "had_in_signs"}]
+        assert qc["layers"][q]["output_transforms"] == [{"kind": "hadamard", "size": [12, 8], "signs": "had_out_signs", "inverse": True}]
+        assert qc["layers"]["model.layers.1.mlp.down_proj"]["input_transforms"][0]["size"] == [20, 8]
         assert t[q + ".had_in_signs"].shape == (3,) and t[q + ".had_out_signs"].shape == (3,)
         assert torch.equal(t[q + ".had_in_signs"], t["model.layers.1.self_attn.v_proj.had_in_signs"])  # shared input
         assert not torch.equal(t[q + ".had_out_signs"], t["model.layers.1.self_attn.k_proj.had_out_signs"][:3])

@@ -2,7 +2,6 @@
 doing what they claim on a layer with a correlated Hessian, exact bits per weight, the Triton kernel against the torch
 decode under the interpreter, and checkpoints that reload in transformers with identical logits."""
 
-import json
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -10,16 +9,10 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
-from typer.testing import CliRunner  # noqa: E402
 
-from conftest import DATA, SMOLLM, tensors_of  # noqa: E402
-from llmq.api import quantize_  # noqa: E402
-from llmq.cli import app  # noqa: E402
 from llmq.errors import InputError  # noqa: E402
 from llmq.formats import get_format  # noqa: E402
 from llmq.formats.vq import pack_codes, unpack_codes, vq_bits  # noqa: E402
-from llmq.inspect_ckpt import inspect_checkpoint  # noqa: E402
 from llmq.methods.feedback import hessian_factor  # noqa: E402
 from llmq.methods.vq import (assign_feedback, decode, kmeans_inputs, layer_options, nearest_codes, proxy_loss,  # noqa: E402
                              update_codebooks, vq_quantize, weighted_kmeans)
@@ -200,45 +193,3 @@ def test_vq_kernel_matches_reference(dim, kbits, rpc, dtype, m, xdtype):
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def ids():
-    from transformers import AutoTokenizer
-
-    from llmq.calib import CalibConfig, calibration_ids
-
-    return calibration_ids(CalibConfig("c4", nsamples=4, seqlen=64, seed=0, data_dir=str(DATA)), AutoTokenizer.from_pretrained(SMOLLM))
-
-
-@pytest.mark.parametrize("args,recipe", [
-    (["--bits", "2"], {"bits": 2}),
-    (["--bits", "3", "--rotate", "hadamard"], {"bits": 3, "rotate": "hadamard"}),
-    (["--bits", "2", "--rotate", "hadamard", "--calib", "none"], {"bits": 2, "rotate": "hadamard"}),
-])
-def test_checkpoint_reloads_with_identical_logits(tiny_model, tmp_path, ids, args, recipe):
-    out = tmp_path / "q"
-    r = CliRunner().invoke(app, ["quantize", str(tiny_model), "-o", str(out), "--method", "vq", *args,
-                                 "--nsamples", "4", "--seqlen", "64"])
-    assert r.exit_code == 0, r.output
-    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    ref = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    quantize_(ref, Recipe.from_dict({"method": "vq", **recipe}), calib_ids=None if "none" in args else ids)
-    fp = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    with torch.no_grad():
-        got = loaded(ids[:2]).logits
-        assert torch.equal(got, ref(ids[:2]).logits)
-        assert not torch.allclose(got, fp(ids[:2]).logits, atol=1e-3)  # really quantized
-    qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    name = "model.layers.1.mlp.down_proj"
-    cfg = qc["layers"][name]
-    d = 4 if recipe["bits"] == 2 else 2
-    assert cfg["method"] == "vq" and cfg["format"] == "vq" and cfg["vq_dim"] == d and cfg["index_bits"] == recipe["bits"] * d
-    info = inspect_checkpoint(str(out))
-    t = tensors_of(out)
-    row = next(x for x in info["layers"] if x["layer"] == name)
-    stored = sum(v.numel() * v.element_size() for k, v in t.items()
-                 if k.startswith(name + ".") and not k.endswith(".bias") and "_signs" not in k)
-    assert stored == vq_bits(96, 160, d, recipe["bits"] * d, 0, "fp16") // 8
-    if "rotate" not in recipe:
-        assert row["bytes"] == stored and row["bpw"] == 8 * stored / (96 * 160)
-    assert "vq" in CliRunner().invoke(app, ["inspect", str(out)]).output

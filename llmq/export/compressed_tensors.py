@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 
 from ..checkpoint import Checkpoint
 from ..errors import InputError
+from ..transforms import INPUT, OUTPUT, entries
 
 CT_VERSION = "0.20.0"  # the compressed-tensors release whose writer this reproduces (byte-identical tensors)
 SUPPORTED_BITS = (4, 8)
@@ -47,6 +48,8 @@ def _refusal(name: str, cfg: dict) -> str | None:
         return f"{name} uses format {cfg.get('format')!r}; only the int format maps to pack-quantized"
     if cfg.get("rotate") not in (None, "none"):
         return f"{name} is quantized in a rotated basis ({cfg['rotate']}), which needs online transforms compressed-tensors checkpoints do not carry"
+    if any(entries(cfg, side) for side in (INPUT, OUTPUT)):
+        return f"{name} has input/output transforms, which compressed-tensors checkpoints do not carry"
     if not cfg["sym"]:
         return (f"{name} is asymmetric; transformers cannot load pack-quantized zero points "
                 "(re-quantize with --sym)")

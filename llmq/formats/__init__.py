@@ -1,27 +1,25 @@
 """Packed formats: how chosen values are laid out on disk, separate from the methods that choose them.
 
-Each format provides `tensor_specs(layer_config)` (shapes and dtypes of its tensors, so a loader can
-allocate buffers before reading) and `dequantize(tensors, layer_config)` (the torch reference decode).
-A layer's config (stored per layer in the checkpoint) names its format, so mixed formats coexist.
+Each format keeps the contract of `base.Format` (tensor_specs, decode, dequantize, its kernel) and registers itself
+next to its definition; `get_format` reads the registry. A layer's config (stored per layer in the checkpoint) names
+its format, so mixed formats coexist.
+
+FORMAT_VERSION 2: a layer's input/output transforms are ordered lists in its config (llmq.transforms); version 1
+checkpoints (rotation and lut transforms under their own keys) are still read.
 """
 
-from .billm import BillmFormat
-from .e8p import E8PFormat
+from . import billm, e8p, intq, lut, pbllm, ternary, vq  # noqa: F401  (each registers its format)
+from .base import FORMATS, Format, register_format
 from .intq import IntFormat, IntQuantized
-from .lut import LutFormat
-from .pbllm import PbllmFormat
-from .ternary import TernaryFormat
-from .vq import VQFormat
 
-FORMAT_VERSION = 1
-FORMATS = {f.name: f for f in (IntFormat, BillmFormat, PbllmFormat, TernaryFormat, VQFormat, E8PFormat, LutFormat)}
+FORMAT_VERSION = 2
 
 
-def get_format(name: str):
+def get_format(name: str) -> type[Format]:
     try:
         return FORMATS[name]
     except KeyError:
         raise ValueError(f"unknown llmq format {name!r}; this llmq knows {sorted(FORMATS)}") from None
 
 
-__all__ = ["FORMATS", "FORMAT_VERSION", "IntFormat", "IntQuantized", "get_format"]
+__all__ = ["FORMATS", "FORMAT_VERSION", "Format", "IntFormat", "IntQuantized", "get_format", "register_format"]

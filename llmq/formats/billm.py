@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .base import Format, register_format
 from .bitplanes import pack_signs, sign_words, sparse_mask, unpack_signs
 
 BLOCK = 128
@@ -59,7 +60,8 @@ class BillmQuantized:
         return BillmFormat.dequantize(self.pack(), self.layer_config())
 
 
-class BillmFormat:
+@register_format
+class BillmFormat(Format):
     name = "billm"
 
     @staticmethod
@@ -73,7 +75,7 @@ class BillmFormat:
         return specs
 
     @staticmethod
-    def dequantize(t: dict, cfg: dict) -> torch.Tensor:
+    def decode(t: dict, cfg: dict) -> torch.Tensor:
         out, inp, s = cfg["out_features"], cfg["in_features"], cfg["salient_columns"]
         b = cfg.get("group_size") or BLOCK
         sc = t["scales"].to(torch.float32)

@@ -22,6 +22,7 @@ import torch
 
 from ..codebooks.e8p import DIM, STAGES, e8_decode, e8p_decode
 from ..errors import InputError
+from .base import Format, register_format
 
 
 def check_shape(out_features: int, in_features: int) -> None:
@@ -72,7 +73,8 @@ class E8PQuantized:
         return E8PFormat.dequantize(self.pack(), self.layer_config())
 
 
-class E8PFormat:
+@register_format
+class E8PFormat(Format):
     name = "e8p"
 
     @staticmethod
@@ -80,11 +82,12 @@ class E8PFormat:
         return code_specs(cfg["bits"], cfg["out_features"], cfg["in_features"])
 
     @staticmethod
-    def dequantize(t: dict, cfg: dict) -> torch.Tensor:
+    def decode(t: dict, cfg: dict) -> torch.Tensor:
         """Torch reference decode: fp32 [N, K]."""
         out, inp = cfg["out_features"], cfg["in_features"]
-        sc = t["scales"].to(torch.float32).cpu().tolist()
-        w = e8p_decode(t["codes"]) * sc[0]
+        w = e8p_decode(t["codes"])
+        sc = t["scales"].to(device=w.device, dtype=torch.float32)  # a tensor, not floats: gradients reach the scales
+        w = w * sc[0]
         if cfg["bits"] == 4:
             w = w + e8p_decode(t["codes2"]) * sc[1]
         elif cfg["bits"] == 3:

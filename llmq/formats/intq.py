@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .base import Format, register_format
 from .packing import pack_bits, packed_words, unpack_bits
 
 
@@ -85,7 +86,8 @@ class IntQuantized:
         return parts
 
 
-class IntFormat:
+@register_format
+class IntFormat(Format):
     name = "int"
 
     @staticmethod
@@ -103,7 +105,7 @@ class IntFormat:
         return specs
 
     @staticmethod
-    def dequantize(t: dict[str, torch.Tensor], cfg: dict) -> torch.Tensor:
+    def decode(t: dict[str, torch.Tensor], cfg: dict) -> torch.Tensor:
         """Packed tensors -> fp32 weight [out, in]. Vectorised: one gather, no loop over groups."""
         bits, inp = cfg["bits"], cfg["in_features"]
         codes = unpack_bits(t["qweight"], bits, inp).to(torch.float32)
@@ -114,4 +116,4 @@ class IntFormat:
 def decode_int(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, gi: torch.Tensor, bits: int) -> torch.Tensor:
     """(codes − zero) · scale per weight, fp32 [out, in]; codes fp32 (consumed), zeros [out, G] or None (symmetric)."""
     zeros = zeros[:, gi] if zeros is not None else float(1 << (bits - 1))
-    return codes.sub_(zeros).mul_(scales.to(torch.float32)[:, gi])
+    return codes.sub_(zeros) * scales.to(torch.float32)[:, gi]  # out of place: the scales may carry gradients

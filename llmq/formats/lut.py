@@ -8,23 +8,19 @@ two groups). The table is either shared by the whole layer ("table": "shared", [
 the Gaussian grid) or one per output row ("table": "row", [N, T], d = 1: any4's learned values).
 
 Optionally (HIGGS) the layer was quantized after a randomized Hadamard rotation of its input dimension,
-W̃ = W Vᵀ with V = T·diag(s) (llmq.rotation.hadamard: the same transforms as `--rotate hadamard`, input side
-only, as in HIGGS): then y = W̃ (V x), and the decoded weight in the original basis is W = W̃ V (each row
-transformed back, V.inverse). The sign vector s is stored; the transform size [m, 2^k] is in the config
-("lut_had"), and "lut_had_block" = b when V is block-diagonal (every b consecutive inputs rotated on their own,
-HIGGS's hadamard_size).
-
-Optionally (HIGGS `column_scale`) the layer was also divided column by column before the rotation: W = A·diag(c)
-with A = W diag(c)⁻¹ quantized (then rotated, as above). Then y = W̃ (V (c ⊙ x)) and the decoded weight is
-(W̃ V)·diag(c); the input scale c (fp16, one per input feature) is stored.
+W̃ = W Vᵀ with V = T·diag(s) (llmq.transforms.hadamard: the same transforms as `--rotate hadamard`, input side
+only, as in HIGGS), block-diagonal when HIGGS's hadamard_size is set; and optionally (HIGGS `column_scale`) divided
+column by column before that: W = A·diag(c), A = W diag(c)⁻¹ quantized. Both are fused input transforms of the
+layer (llmq.transforms: "input_transforms" [channel_scale c, hadamard V], both "fused"): y = W̃ (V (c ⊙ x)), and
+`dequantize` gives the weight in the original basis, (W̃ V)·diag(c). The format itself decodes W̃.
 
 Per linear layer `p`:
     p.qweight    int32 [N, ceil(ceil(K/d)·b_c/32)]   codes of b_c = bits·d bits, dense bit-packed (packing.py)
     p.scales     fp16  [N, n_groups]
     p.table      fp16  [T, d] (shared) or [N, T] (row), T = 2^b_c
-    p.lut_signs  int32 [ceil(K/32)]                  rotated layers only: the signs, one bit each
+    p.lut_signs  int32 [ceil(K/32)]                  rotated layers only: the signs of V, one bit each
     p.lut_input_scale fp16 [K]                       column-scaled layers only: c
-Every one of these counts in the bits per weight (`llmq inspect` sums the stored bytes).
+(the last two are the transforms' tensors, named in their config entries). Every one of these counts in the bits per weight (`llmq inspect` sums the stored bytes).
 """
 
 from __future__ import annotations
@@ -33,6 +29,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..transforms import channel_scale_entry, hadamard_entry
+from .base import Format, register_format
+from .bitplanes import pack_signs
 from .intq import default_group_index, n_groups
 from .packing import pack_bits, packed_words, unpack_bits
 
@@ -57,17 +56,16 @@ class LutQuantized:
     input_scale: torch.Tensor | None = None  # fp16 [K]: W = (W̃ V)·diag(c) (HIGGS column_scale)
 
     def layer_config(self) -> dict:
-        from ..rotation.hadamard import factor
-
         cfg = {"format": "lut", "grid": self.grid, "bits": self.bits, "dim": self.dim, "table": self.table_kind,
                "group_size": self.group_size, "sym": True, "in_features": self.in_features,
                "out_features": self.codes.shape[0]}
-        if self.signs is not None:
-            cfg["lut_had"] = list(factor(self.hadamard_block or self.in_features))
-            if self.hadamard_block:
-                cfg["lut_had_block"] = self.hadamard_block
+        transforms = []  # applied to x in this order: c ⊙ x, then V
         if self.input_scale is not None:
-            cfg["lut_input_scale"] = True
+            transforms.append(channel_scale_entry("lut_input_scale", fused=True))
+        if self.signs is not None:
+            transforms.append(hadamard_entry(self.in_features, "lut_signs", self.hadamard_block, fused=True))
+        if transforms:
+            cfg["input_transforms"] = transforms
         return cfg
 
     def pack(self) -> dict[str, torch.Tensor]:
@@ -75,8 +73,6 @@ class LutQuantized:
              "scales": self.scales.to(torch.float16).contiguous(),
              "table": self.table.to(torch.float16).contiguous()}
         if self.signs is not None:
-            from ..rotation.incoherence import pack_signs
-
             t["lut_signs"] = pack_signs(self.signs)
         if self.input_scale is not None:
             t["lut_input_scale"] = self.input_scale.to(torch.float16).contiguous()
@@ -86,33 +82,8 @@ class LutQuantized:
         return LutFormat.dequantize(self.pack(), self.layer_config())
 
 
-def decode_rotated(t: dict[str, torch.Tensor], cfg: dict) -> torch.Tensor:
-    """The weight in the basis it was quantized in (W̃, before undoing any input rotation): fp32 [N, K]."""
-    k, d, cb = cfg["in_features"], cfg["dim"], cfg["bits"] * cfg["dim"]
-    codes = unpack_bits(t["qweight"], cb, code_count(k, d)).long()
-    table = t["table"].to(torch.float32)
-    if cfg["table"] == "row":
-        vals = torch.gather(table, 1, codes)
-    else:
-        vals = table[codes].reshape(codes.shape[0], -1)[:, :k]  # [N, K/d, d] -> [N, K]
-    gi = default_group_index(k, cfg["group_size"]).to(vals.device)
-    return vals.mul_(t["scales"].to(torch.float32)[:, gi])
-
-
-def input_rotation(t: dict[str, torch.Tensor], cfg: dict):
-    """The layer's input rotation V (a RandomizedHadamard), or None."""
-    if "lut_had" not in cfg:
-        return None
-    from ..rotation.hadamard import input_hadamard
-    from ..rotation.incoherence import unpack_signs
-
-    rh = input_hadamard(unpack_signs(t["lut_signs"], cfg["in_features"]), cfg.get("lut_had_block"))
-    if [rh.m, rh.p] != list(cfg["lut_had"]):
-        raise ValueError(f"layer stores a Hadamard transform {cfg['lut_had']} but this llmq builds {[rh.m, rh.p]}")
-    return rh
-
-
-class LutFormat:
+@register_format
+class LutFormat(Format):
     name = "lut"
 
     @staticmethod
@@ -120,22 +91,19 @@ class LutFormat:
         out, inp, d = cfg["out_features"], cfg["in_features"], cfg["dim"]
         cb = cfg["bits"] * d
         T = 1 << cb
-        specs = {"qweight": ((out, packed_words(code_count(inp, d), cb)), torch.int32),
-                 "scales": ((out, n_groups(inp, cfg["group_size"])), torch.float16),
-                 "table": ((out, T) if cfg["table"] == "row" else (T, d), torch.float16)}
-        if "lut_had" in cfg:
-            specs["lut_signs"] = ((packed_words(inp, 1),), torch.int32)
-        if cfg.get("lut_input_scale"):
-            specs["lut_input_scale"] = ((inp,), torch.float16)
-        return specs
+        return {"qweight": ((out, packed_words(code_count(inp, d), cb)), torch.int32),
+                "scales": ((out, n_groups(inp, cfg["group_size"])), torch.float16),
+                "table": ((out, T) if cfg["table"] == "row" else (T, d), torch.float16)}
 
     @staticmethod
-    def dequantize(t: dict[str, torch.Tensor], cfg: dict) -> torch.Tensor:
-        """Packed tensors -> fp32 weight [N, K] in the layer's original basis (y = x Wᵀ)."""
-        w = decode_rotated(t, cfg)
-        rh = input_rotation(t, cfg)
-        if rh is not None:
-            w = rh.inverse(w)
-        if cfg.get("lut_input_scale"):
-            w = w.mul_(t["lut_input_scale"].to(torch.float32))
-        return w
+    def decode(t: dict[str, torch.Tensor], cfg: dict) -> torch.Tensor:
+        """W̃, the weight in the basis it was quantized in (before the layer's input transforms): fp32 [N, K]."""
+        k, d, cb = cfg["in_features"], cfg["dim"], cfg["bits"] * cfg["dim"]
+        codes = unpack_bits(t["qweight"], cb, code_count(k, d)).long()
+        table = t["table"].to(torch.float32)
+        if cfg["table"] == "row":
+            vals = torch.gather(table, 1, codes)
+        else:
+            vals = table[codes].reshape(codes.shape[0], -1)[:, :k]  # [N, K/d, d] -> [N, K]
+        gi = default_group_index(k, cfg["group_size"]).to(vals.device)
+        return vals * t["scales"].to(torch.float32)[:, gi]

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .base import Format, register_format
 from .bitplanes import pack_signs, sign_words, sparse_columns, unpack_signs
 from .intq import default_group_index, n_groups
 
@@ -52,7 +53,8 @@ class PbllmQuantized:
         return PbllmFormat.dequantize(self.pack(), self.layer_config())
 
 
-class PbllmFormat:
+@register_format
+class PbllmFormat(Format):
     name = "pbllm"
 
     @staticmethod
@@ -65,7 +67,7 @@ class PbllmFormat:
                 "sparse_scale": ((out,), torch.float16)}
 
     @staticmethod
-    def dequantize(t: dict, cfg: dict) -> torch.Tensor:
+    def decode(t: dict, cfg: dict) -> torch.Tensor:
         out, inp, b = cfg["out_features"], cfg["in_features"], cfg.get("block", BLOCK)
         gi = default_group_index(inp, cfg["group_size"]).to(t["signs"].device)
         w = unpack_signs(t["signs"], inp) * t["scales"].to(torch.float32)[:, gi]

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .base import Format, register_format
 from .bitplanes import pack_trits, trit_bytes, unpack_trits
 from .intq import default_group_index, n_groups
 
@@ -34,7 +35,8 @@ class TernaryQuantized:
         return TernaryFormat.dequantize(self.pack(), self.layer_config())
 
 
-class TernaryFormat:
+@register_format
+class TernaryFormat(Format):
     name = "ternary"
 
     @staticmethod
@@ -44,7 +46,7 @@ class TernaryFormat:
                 "scales": ((out, n_groups(inp, cfg["group_size"])), torch.float16)}
 
     @staticmethod
-    def dequantize(t: dict, cfg: dict) -> torch.Tensor:
+    def decode(t: dict, cfg: dict) -> torch.Tensor:
         inp = cfg["in_features"]
         gi = default_group_index(inp, cfg["group_size"]).to(t["qweight"].device)
         return unpack_trits(t["qweight"], inp) * t["scales"].to(torch.float32)[:, gi]

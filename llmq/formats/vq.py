@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InputError
+from .base import Format, register_format
 from .packing import pack_bits, packed_words, unpack_bits
 
 VQ_DIMS = (2, 4, 8)
@@ -139,7 +140,8 @@ class VQQuantized:
         return VQFormat.dequantize(self.pack(), self.layer_config())
 
 
-class VQFormat:
+@register_format
+class VQFormat(Format):
     name = "vq"
 
     @staticmethod
@@ -157,7 +159,7 @@ class VQFormat:
         return specs
 
     @staticmethod
-    def dequantize(t: dict, cfg: dict) -> torch.Tensor:
+    def decode(t: dict, cfg: dict) -> torch.Tensor:
         out, inp, d, k = cfg["out_features"], cfg["in_features"], cfg["vq_dim"], cfg["index_bits"]
         codes = unpack_codes(t["qweight"], k, inp // d)
         C = load_codebooks(t["codebooks"], t.get("codebook_scales"))

@@ -11,8 +11,8 @@ the rotated (W, H), so RTN, GPTQ and later methods compose with them unchanged.
 from __future__ import annotations
 
 from ..errors import InputError
-from .hadamard import RandomizedHadamard, factor, fwht, hadamard_transform
-from .incoherence import HadamardLinear, LayerIncoherence, online_rotation, rotation_tensor_specs
+from ..transforms.hadamard import RandomizedHadamard, factor, fwht, hadamard_transform
+from .incoherence import HadamardLinear, LayerIncoherence
 from .residual import ResidualRotation, RotatedSource, head_dim_of, rotate_model_
 
 ROTATE_MODES = ("none", "hadamard", "residual", "both")
@@ -89,5 +89,5 @@ def rotate_(model, mode: str, seed: int = 0, per_head_vo: bool = True):
 
 
 __all__ = ["ROTATE_MODES", "HadamardLinear", "LayerIncoherence", "RandomizedHadamard", "ResidualRotation", "RotatedSource",
-           "check_mode", "check_sizes", "factor", "fwht", "hadamard_transform", "layer_incoherence", "online_rotation",
-           "per_layer", "residual", "residual_rotation", "rotate_", "rotate_model_", "rotation_tensor_specs"]
+           "check_mode", "check_sizes", "factor", "fwht", "hadamard_transform", "layer_incoherence", "per_layer", "residual",
+           "residual_rotation", "rotate_", "rotate_model_"]

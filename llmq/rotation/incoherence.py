@@ -10,8 +10,9 @@ before the packed matmul and the inverse output transform after it, O(n log n) e
 
 Layers that read the same input (q/k/v, gate/up) share s_in, so their Hessian is rotated once. Stored per
 layer `p`: `p.had_in_signs`, `p.had_out_signs` (the signs, one bit each, packed like 1-bit codes), and in
-its layer config  "rotate": "hadamard", "had_in": [m, 2^k], "had_out": [m, 2^k]  (the transform sizes).
-The layer's `bias` is stored in the rotated basis (b̃), so the packed matmul path is unchanged.
+its layer config "rotate": "hadamard" and the two transforms (llmq.transforms): V first in "input_transforms",
+Uᵀ last in "output_transforms", both applied online by LlmqLinear. The layer's `bias` is stored in the rotated
+basis (b̃), so the packed matmul path is unchanged.
 """
 
 from __future__ import annotations
@@ -20,18 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..formats.packing import pack_bits, packed_words, unpack_bits
-from .hadamard import RandomizedHadamard, factor, random_signs
-
-SIGN_TENSORS = ("had_in_signs", "had_out_signs")
-
-
-def pack_signs(s: torch.Tensor) -> torch.Tensor:
-    return pack_bits((s > 0).to(torch.uint8).unsqueeze(0), 1)[0]
-
-
-def unpack_signs(t: torch.Tensor, n: int) -> torch.Tensor:
-    return unpack_bits(t.unsqueeze(0).cpu(), 1, n)[0].to(torch.float32).mul_(2).sub_(1)
+from ..formats.bitplanes import pack_signs
+from ..transforms import INPUT, OUTPUT, hadamard_entry
+from ..transforms.hadamard import RandomizedHadamard, random_signs
 
 
 class LayerIncoherence:
@@ -66,39 +58,14 @@ class LayerIncoherence:
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"had_in_signs": pack_signs(self.V.signs), "had_out_signs": pack_signs(self.U.signs)}
 
-    def layer_config(self) -> dict:
-        return {"rotate": "hadamard", "had_in": [self.V.m, self.V.p], "had_out": [self.U.m, self.U.p]}
-
-    @classmethod
-    def from_tensors(cls, cfg: dict, tensors: dict[str, torch.Tensor]) -> "LayerIncoherence":
-        inc = cls(unpack_signs(tensors["had_in_signs"], cfg["in_features"]),
-                  unpack_signs(tensors["had_out_signs"], cfg["out_features"]))
-        for key, t in (("had_in", inc.V), ("had_out", inc.U)):
-            if list(cfg[key]) != [t.m, t.p]:  # a checkpoint from a build that factors sizes differently
-                raise ValueError(f"layer stores a Hadamard transform {cfg[key]} but this llmq builds {[t.m, t.p]} for size {t.n}")
-        return inc
-
-
-def rotation_tensor_specs(cfg: dict) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Extra tensors a rotated layer stores, beside its format's."""
-    if cfg.get("rotate") != "hadamard":
-        return {}
-    return {"had_in_signs": ((packed_words(cfg["in_features"], 1),), torch.int32),
-            "had_out_signs": ((packed_words(cfg["out_features"], 1),), torch.int32)}
-
-
-def online_rotation(module: nn.Module) -> LayerIncoherence | None:
-    """The layer's transforms, built once from its sign buffers (rebuilt if the buffers are replaced)."""
-    cfg = module.layer_config
-    if cfg.get("rotate") != "hadamard":
-        return None
-    bufs = [module._buffers[k] for k in SIGN_TENSORS]
-    key = tuple((b.data_ptr(), b.device) for b in bufs)
-    cached = module.__dict__.get("_llmq_rotation")
-    if cached is None or cached[0] != key:
-        cached = (key, LayerIncoherence.from_tensors(cfg, dict(zip(SIGN_TENSORS, bufs))))
-        module.__dict__["_llmq_rotation"] = cached
-    return cached[1]
+    def layer_config(self, cfg: dict | None = None) -> dict:
+        """The format's layer config `cfg` with the rotation added: V before its input transforms, Uᵀ after its output
+        ones (the rotation is outermost: y = Uᵀ (Q̃ (V x) + b̃))."""
+        cfg = dict(cfg or {})
+        cfg["rotate"] = "hadamard"
+        cfg[INPUT] = [hadamard_entry(self.V.n, "had_in_signs"), *cfg.get(INPUT, [])]
+        cfg[OUTPUT] = [*cfg.get(OUTPUT, []), hadamard_entry(self.U.n, "had_out_signs", inverse=True)]
+        return cfg
 
 
 class HadamardLinear(nn.Module):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tensors_of
@@ -19,7 +20,6 @@ from llmq.methods import METHODS
 from llmq.methods.base import Calibration, Method, register
 
 
-@register
 class HalfRangeRTN(Method):
     """Round to nearest on the int format, the scale set by half the row's range (clips the outliers)."""
 
@@ -52,7 +52,6 @@ class SignQuantized:
         return SignFormat.dequantize(self.pack(), self.layer_config())
 
 
-@register_format
 class SignFormat(Format):
     """w = scale_row · (±1), one byte per sign (a toy: real formats pack)."""
 
@@ -68,7 +67,6 @@ class SignFormat(Format):
         return (t["signs"].float() * 2 - 1) * t["scale"].float()[:, None]
 
 
-@register
 class MeanSign(Method):
     name = "toy_sign"
     format = "toy_sign"
@@ -78,6 +76,14 @@ class MeanSign(Method):
 
     def quantize(self, weight, spec, hessian=None):
         return SignQuantized(weight >= 0, weight.abs().mean(1).half())
+
+
+@pytest.fixture
+def toys():
+    """Registered for this test only (every other test sees llmq's own methods and formats)."""
+    register(HalfRangeRTN), register_format(SignFormat), register(MeanSign)
+    yield
+    METHODS.pop("toy_halfrange"), METHODS.pop("toy_sign"), FORMATS.pop("toy_sign")
 
 
 def _quantize(model, out, method, *args):
@@ -95,7 +101,7 @@ def _logits_with_decoded(model_dir, decoded: dict, ids):
         return m(ids).logits
 
 
-def test_toy_method_and_toy_format_quantize_save_and_reload(tiny_model, tmp_path, monkeypatch):
+def test_toy_method_and_toy_format_quantize_save_and_reload(toys, tiny_model, tmp_path, monkeypatch):
     monkeypatch.setenv("LLMQ_KERNELS", "torch")  # the reference decode (the CPU int4 kernel rounds activations to bf16)
     assert "toy_halfrange" in METHODS and "toy_sign" in FORMATS
     ids = torch.arange(5, 37).unsqueeze(0)
